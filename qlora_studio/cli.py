@@ -23,9 +23,285 @@ def _print_json(obj) -> None:
 # (each verb: a `cmd_<name>(args) -> int` and its parser in `build_parser`)
 
 
+def _train_overrides(args) -> dict:
+    return {
+        "model": args.model, "data": args.data, "epochs": args.epochs, "max_steps": args.max_steps,
+        "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_seq_len": args.max_seq_len,
+        "rank": args.rank, "targets": args.targets, "quant": args.quant, "learning_rate": args.learning_rate,
+        "eval_fraction": args.eval_fraction, "name": args.output,
+    }
+
+
+def _wait_for(manager, run) -> dict:
+    """Wait for the manager's run in the foreground; Ctrl-C asks it to stop and save."""
+    try:
+        while manager.active() is not None:
+            manager.wait(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping: saving a checkpoint and the adapter (Ctrl-C again to abandon)", file=sys.stderr, flush=True)
+        manager.stop()
+        manager.wait()
+    return manager.last_status or run.status(set())
+
+
+def _finish_run(run, status: dict) -> int:
+    state = status.get("state")
+    if state == "failed":
+        print(f"run failed: {status.get('error')}", file=sys.stderr)
+    print(run.path)
+    return 0 if state == "completed" else (130 if state == "stopped" else 1)
+
+
+def cmd_train(args) -> int:
+    from .manager import get_manager
+    from .presets import ConfigError, load_config_file, load_preset
+    from .training import TrainingError
+
+    overrides = _train_overrides(args)
+    try:
+        if args.preset:
+            cfg = load_preset(args.preset, overrides)
+        elif args.config:
+            cfg = load_config_file(args.config, overrides)
+        else:
+            from .training import TrainConfig
+
+            cfg = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, source="command line")
+        manager = get_manager()
+        run = manager.start(cfg, echo=True)
+    except (ConfigError, TrainingError) as e:
+        raise UserError(str(e)) from e
+    print(f"run folder: {run.path}", flush=True)
+    return _finish_run(run, _wait_for(manager, run))
+
+
+def cmd_resume(args) -> int:
+    from .manager import RunBusy, get_manager
+    from .runs import RunError
+
+    manager = get_manager()
+    try:
+        run = manager.resume(args.run, echo=True)
+    except (RunBusy, RunError) as e:
+        raise UserError(str(e)) from e
+    return _finish_run(run, _wait_for(manager, run))
+
+
+def cmd_data_check(args) -> int:
+    from .data import DataError, check_file
+
+    tokenizer = None
+    if args.model:
+        from .models import ModelError, resolve_model
+        from .training import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(resolve_model(args.model).path)
+        except ModelError as e:
+            raise UserError(str(e)) from e
+    try:
+        report = check_file(args.file, tokenizer, args.max_seq_len)
+    except DataError as e:
+        if args.json:
+            _print_json({"usable": False, "error": str(e), "errors": [], "warnings": []})
+        else:
+            print(f"unusable: {e}", file=sys.stderr)
+        return 2
+    d = report.to_dict()
+    d["usable"] = True
+    if args.json:
+        _print_json(d)
+    else:
+        print(f"{report.path}: format {report.format}, {report.usable} usable of {report.rows} rows")
+        if report.truncated is not None:
+            print(f"  truncated at {args.max_seq_len} tokens: {report.truncated}; token lengths {d['token_lengths']}")
+        for issue in report.errors[:50]:
+            print("  error   " + issue.format(report.path))
+        for w in report.warnings:
+            print("  warning " + w)
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from dataclasses import asdict
+
+    from .manager import get_manager
+
+    records = get_manager().runs()
+    if args.json:
+        _print_json([asdict(r) for r in records])
+        return 0
+    if not records:
+        print("no runs yet")
+    for r in records:
+        loss = f"{r.final_loss:.4f}" if isinstance(r.final_loss, (int, float)) else "-"
+        print(f"{r.name:48s} {r.state:11s} loss {loss:>8s}  {r.model}  {r.data}" + ("  (resumable)" if r.resumable else ""))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .chat import ChatError, merge_run
+    from .runs import RunError
+
+    try:
+        path = merge_run(args.run, progress=lambda f, m: print(f"[{int(f * 100):3d}%] {m}", flush=True), force=args.force)
+    except (ChatError, RunError) as e:
+        raise UserError(str(e)) from e
+    print(path)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .chat import ChatError
+    from .evaluate import evaluate_run
+    from .runs import RunError
+
+    try:
+        result = evaluate_run(args.run, base=args.base, limit=args.limit)
+    except (ChatError, RunError, ValueError) as e:
+        raise UserError(str(e)) from e
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{'base model' if args.base else 'fine-tuned'}: " + ", ".join(
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items() if not isinstance(v, (list, dict))))
+    return 0
+
+
+def _chat_loop(model, tok, first: str | None, max_new_tokens: int, temperature: float) -> None:
+    from .chat import stream_reply
+
+    messages: list[dict] = []
+    prompt = first
+    while True:
+        if prompt is None:
+            try:
+                prompt = input("you> ").strip()
+            except EOFError:
+                print()
+                return
+            if prompt in ("", "/quit", "/exit"):
+                return
+        messages.append({"role": "user", "content": prompt})
+        shown = ""
+        print("model> ", end="", flush=True)
+        for text in stream_reply(model, tok, messages, max_new_tokens=max_new_tokens, temperature=temperature):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        print()
+        messages.append({"role": "assistant", "content": shown})
+        if first is not None:
+            return
+        prompt = None
+
+
+def cmd_chat(args) -> int:
+    from .chat import ChatError, load_run_model
+    from .runs import RunError
+
+    try:
+        model, tok = load_run_model(args.run, base=args.base)
+    except (ChatError, RunError) as e:
+        raise UserError(str(e)) from e
+    if args.prompt is None:
+        print("chat with the " + ("base" if args.base else "fine-tuned") + " model; an empty line or /quit ends it", file=sys.stderr)
+    _chat_loop(model, tok, args.prompt, args.max_new_tokens, args.temperature)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The newcomer's path: train the cpu-demo preset, score it against the base, then chat."""
+    from .evaluate import evaluate_run
+    from .manager import get_manager
+    from .presets import load_preset
+
+    cfg = load_preset("cpu-demo", {"max_steps": args.max_steps})
+    manager = get_manager()
+    run = manager.start(cfg, echo=True)
+    status = _wait_for(manager, run)
+    if status.get("state") != "completed":
+        return _finish_run(run, status)
+    base = evaluate_run(run.path, base=True)
+    tuned = evaluate_run(run.path)
+    print(f"held-out execution accuracy: base {base['execution_accuracy']:.0%} -> fine-tuned {tuned['execution_accuracy']:.0%} "
+          f"(exact match {base['exact_match']:.0%} -> {tuned['exact_match']:.0%}, {tuned['n']} questions)")
+    print(f"run folder: {run.path}")
+    if sys.stdin.isatty() and not args.no_chat:
+        from .chat import load_run_model
+
+        model, tok = load_run_model(run.path)
+        print("ask for SQL over the warehouse (customers, products, orders, order items, regions); empty line ends")
+        _chat_loop(model, tok, None, 128, 0.0)
+    return 0
+
+
+def _add_run_verbs(sub) -> None:
+    t = sub.add_parser("train", help="train a QLoRA adapter (prints the run folder last)")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="a preset from presets/ (e.g. cpu-demo)")
+    src.add_argument("--config", help="a YAML/JSON file of settings")
+    t.add_argument("--model", help="embedded | model folder | Hub id | .gguf file")
+    t.add_argument("--data", help="training data (.jsonl .json .csv .parquet)")
+    t.add_argument("--epochs", type=float)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--grad-accum", type=int)
+    t.add_argument("--max-seq-len", type=int)
+    t.add_argument("--rank", type=int)
+    t.add_argument("--targets", choices=["attention", "all"])
+    t.add_argument("--quant", choices=["nf4", "fp4", "none"])
+    t.add_argument("--learning-rate", type=float)
+    t.add_argument("--eval-fraction", type=float)
+    t.add_argument("--output", help="run name (a folder under the studio's runs)")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("data", help="inspect training data")
+    dsub = d.add_subparsers(dest="data_verb", required=True)
+    dc = dsub.add_parser("check", help="detect the format and validate a data file (exit 2 if unusable)")
+    dc.add_argument("file")
+    dc.add_argument("--model", help="count truncation with this model's tokenizer and chat template")
+    dc.add_argument("--max-seq-len", type=int, default=512)
+    dc.add_argument("--json", action="store_true")
+    dc.set_defaults(func=cmd_data_check)
+
+    r = sub.add_parser("runs", help="list runs")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_runs)
+
+    rs = sub.add_parser("resume", help="resume an interrupted or stopped run from its last checkpoint")
+    rs.add_argument("run")
+    rs.set_defaults(func=cmd_resume)
+
+    m = sub.add_parser("merge", help="merge a run's adapter into a 16-bit copy of its base")
+    m.add_argument("run")
+    m.add_argument("--force", action="store_true", help="merge again even if merged/ exists")
+    m.set_defaults(func=cmd_merge)
+
+    e = sub.add_parser("eval", help="task evaluation of a run on its held-out data (SQL: execution accuracy)")
+    e.add_argument("run")
+    e.add_argument("--base", action="store_true", help="evaluate the base model instead")
+    e.add_argument("--limit", type=int)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("chat", help="talk to a run's fine-tuned (or --base) model")
+    c.add_argument("run")
+    c.add_argument("--prompt")
+    c.add_argument("--base", action="store_true")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.set_defaults(func=cmd_chat)
+
+    dm = sub.add_parser("demo", help="train the cpu-demo preset, compare with the base model, then chat")
+    dm.add_argument("--max-steps", type=int)
+    dm.add_argument("--no-chat", action="store_true")
+    dm.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlora-studio", description="Fine-tune an open LLM with QLoRA, on one GPU or the CPU.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _add_run_verbs(sub)
     del sub  # verbs are added below as they land
     return p
 

@@ -1,0 +1,177 @@
+"""The result: merge a run's adapter into its base, load base or fine-tuned model, generate.
+
+Merging goes into a 16-bit copy of the base (never into the 4-bit weights, which would bake the
+quantization error in) and is saved as safetensors + tokenizer in ``<run>/merged``, built in a
+temporary folder and renamed so an interrupted merge leaves nothing half-written. Later chats reuse it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .runs import RunFolder, resolve_run
+
+
+class ChatError(Exception):
+    pass
+
+
+def _device_and_dtype():
+    import torch
+
+    if torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability(0)
+        return "cuda", torch.bfloat16 if major >= 8 else torch.float16
+    return "cpu", torch.float32  # fp32 is the fast and exact path on CPUs
+
+
+def _base_path(run: RunFolder) -> Path:
+    cfg = run.config()
+    if cfg.get("model_path") and Path(cfg["model_path"]).is_dir():
+        return Path(cfg["model_path"])
+    from .models import resolve_model
+
+    return resolve_model(cfg.get("model")).path
+
+
+def merge_run(run: str | Path | RunFolder, progress: Callable[[float, str], None] | None = None, force: bool = False) -> Path:
+    """Merge the run's adapter into a 16-bit base; returns the merged folder (cached)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = run if isinstance(run, RunFolder) else RunFolder(resolve_run(run))
+    progress = progress or (lambda f, m: None)
+    done_marker = run.merged / "studio_merged.json"
+    if done_marker.is_file() and not force:
+        progress(1.0, "already merged")
+        return run.merged
+    if not (run.adapter / "adapter_config.json").is_file():
+        raise ChatError(f"{run.name}: no adapter yet (the run has not finished or was stopped before saving)")
+    base_path = _base_path(run)
+    cfg = run.config()
+    progress(0.1, "loading the base model in 16-bit")
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32,
+                                                trust_remote_code=bool(cfg.get("trust_remote_code")))
+    save_dtype = getattr(base.config, "dtype", None) or torch.bfloat16
+    if isinstance(save_dtype, str):
+        save_dtype = getattr(torch, save_dtype)
+    if save_dtype == torch.float32:
+        save_dtype = torch.bfloat16
+    progress(0.5, "applying the adapter")
+    model = PeftModel.from_pretrained(base, str(run.adapter))
+    merged = model.merge_and_unload()
+    merged = merged.to(save_dtype)
+    progress(0.8, "saving the merged model")
+    tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=run.path))
+    try:
+        merged.save_pretrained(tmp)
+        from .training import load_tokenizer
+
+        load_tokenizer(run.adapter if (run.adapter / "tokenizer_config.json").is_file() else base_path).save_pretrained(tmp)
+        (tmp / "studio_merged.json").write_text(f'{{"base": "{base_path}", "dtype": "{save_dtype}"}}')
+        if run.merged.exists():
+            shutil.rmtree(run.merged)
+        tmp.rename(run.merged)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    progress(1.0, "merged")
+    return run.merged
+
+
+def load_chat_model(path: str | Path, adapter: str | Path | None = None):
+    """Model and tokenizer for generation, in eval mode; optionally with an unmerged adapter."""
+    from transformers import AutoModelForCausalLM
+
+    from .training import load_tokenizer
+
+    device, dtype = _device_and_dtype()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map={"": 0} if device == "cuda" else None)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    tok = load_tokenizer(path)
+    return model, tok
+
+
+def load_run_model(run: str | Path, base: bool = False, progress=None):
+    """The fine-tuned (merged) model of a run, or with ``base=True`` the model it started from."""
+    folder = RunFolder(resolve_run(run))
+    if base:
+        return load_chat_model(_base_path(folder))
+    return load_chat_model(merge_run(folder, progress))
+
+
+def _prompt_ids(tok, messages: list[dict]):
+    return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+def _gen_kwargs(tok, max_new_tokens: int, temperature: float, top_p: float) -> dict:
+    kw = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    if temperature and temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+def stream_reply(model, tok, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 0.9) -> Iterator[str]:
+    """Yield the reply's text as it grows (the chat template applied)."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    inputs = _prompt_ids(tok, messages).to(model.device)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=300)
+    kwargs = dict(**inputs, streamer=streamer, **_gen_kwargs(tok, max_new_tokens, temperature, top_p))
+    errors = []
+
+    def target():
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except Exception as e:  # surfaced to the caller below
+            errors.append(e)
+            streamer.end()
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    t.join()
+    if errors:
+        raise ChatError(f"generation failed: {errors[0]}")
+
+
+def reply(model, tok, messages: list[dict], **kw) -> str:
+    text = ""
+    for text in stream_reply(model, tok, messages, **kw):
+        pass
+    return text
+
+
+def generate_batch(model, tok, conversations: list[list[dict]], max_new_tokens: int = 96, batch_size: int = 16) -> list[str]:
+    """Greedy replies to many prompts at once (left-padded batches), for evaluation."""
+    import torch
+
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    out = []
+    try:
+        for i in range(0, len(conversations), batch_size):
+            texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations[i:i + batch_size]]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                gen = model.generate(**enc, **_gen_kwargs(tok, max_new_tokens, 0.0, 1.0))
+            out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = old_side
+    return out

@@ -1,0 +1,280 @@
+"""Run folders: everything a run leaves on disk, written so that nothing is ever half-written.
+
+A run folder under ``<studio home>/runs/<name>/`` holds:
+- ``config.json``   the full resolved configuration
+- ``status.json``   state (running | completed | stopped | failed | interrupted), error, pid, times
+- ``metrics.jsonl`` one JSON line per logging step ({"type": "train", ...}) or evaluation ({"type": "eval", ...})
+- ``summary.json``  runtime, non-pad tokens, tokens/s, peak memory, eval metrics
+- ``checkpoints/``, ``adapter/``, ``merged/``
+
+JSON files are replaced atomically (write a temporary file, fsync, rename). metrics.jsonl is only
+appended to, and a reader ignores a last line cut short by a crash. A folder whose status says
+"running" but whose process is gone is reported as "interrupted" and can be resumed from its last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .home import runs_dir
+
+STATES = ("running", "completed", "stopped", "failed", "interrupted")
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class RunError(Exception):
+    """A run folder is missing, unreadable, or a name is not acceptable."""
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return default
+
+
+def check_run_name(name: str) -> str:
+    """A run name is a single folder name: letters, digits, '.', '_' and '-' only."""
+    if not _NAME_OK.match(name or "") or name in (".", ".."):
+        raise RunError(f"{name!r} is not a valid run name: use letters, digits, '.', '_' or '-' (at most 100), no slashes")
+    return name
+
+
+def _slug(text: str, limit: int = 24) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", Path(str(text)).stem).strip("-").lower()
+    return s[:limit].strip("-") or "x"
+
+
+def new_run_dir(model: str, data: str, name: str | None = None, root: Path | None = None) -> Path:
+    root = root or runs_dir()
+    if name:
+        run = root / check_run_name(name)
+        if run.exists():
+            raise RunError(f"a run named {name!r} already exists in {root}")
+    else:
+        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(model)}-{_slug(data)}"
+        run, i = root / base, 1
+        while run.exists():
+            i += 1
+            run = root / f"{base}-{i}"
+    run.mkdir(parents=True)
+    return run
+
+
+def resolve_run(run: str | Path, root: Path | None = None) -> Path:
+    """A run given by folder path or by name under the runs folder."""
+    p = Path(run).expanduser()
+    if not p.is_dir():
+        p = (root or runs_dir()) / check_run_name(str(run))
+    if not (p / "config.json").is_file():
+        raise RunError(f"{run}: no such run (no config.json in {p})")
+    return p
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class RunFolder:
+    """Read and write one run folder."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # paths
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.path / "merged"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    # config
+    def write_config(self, config: dict) -> None:
+        atomic_write_json(self.path / "config.json", config)
+
+    def config(self) -> dict:
+        cfg = read_json(self.path / "config.json")
+        if cfg is None:
+            raise RunError(f"{self.path / 'config.json'}: missing or not valid JSON")
+        return cfg
+
+    # status
+    def set_status(self, state: str, **fields) -> dict:
+        assert state in STATES, state
+        status = read_json(self.path / "status.json", {}) or {}
+        status.update(fields)
+        status["state"] = state
+        status["updated_at"] = time.time()
+        if state == "running":
+            status["pid"] = os.getpid()
+            status["host"] = socket.gethostname()
+            status.pop("error", None)
+        atomic_write_json(self.path / "status.json", status)
+        return status
+
+    def status(self, live_pids: set[int] | None = None) -> dict:
+        """The recorded status; "running" with its process gone reads as "interrupted".
+
+        ``live_pids`` lets the owner of the run in this process vouch for it: a status written by
+        this very process is running only if the run manager says so.
+        """
+        status = read_json(self.path / "status.json", {}) or {"state": "interrupted", "error": "no status.json"}
+        if status.get("state") == "running":
+            pid = status.get("pid")
+            same_host = status.get("host") in (None, socket.gethostname())
+            if pid == os.getpid():
+                alive = live_pids is not None and pid in live_pids
+            else:
+                alive = _pid_alive(pid) if same_host else True
+            if not alive:
+                status = dict(status, state="interrupted",
+                              error=status.get("error") or "the process running it ended before it finished")
+        return status
+
+    # metrics
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=_json_number) + "\n")
+            f.flush()
+
+    def metrics(self, start: int = 0) -> list[dict]:
+        """Metric records from byte offset ``start``; see `read_metrics_from` for incremental reads."""
+        return read_metrics_from(self.metrics_path, start)[0]
+
+    # summary
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_json(self.path / "summary.json", summary)
+
+    def summary(self) -> dict:
+        return read_json(self.path / "summary.json", {}) or {}
+
+    def last_checkpoint(self) -> Path | None:
+        if not self.checkpoints.is_dir():
+            return None
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(self.checkpoints))
+        return Path(last) if last else None
+
+    def delete(self) -> None:
+        shutil.rmtree(self.path)
+
+
+def _json_number(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def read_metrics_from(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """Records appended since byte ``offset``, and the offset to continue from.
+
+    Reading only the new tail keeps a live view's cost independent of the run's length. A last line
+    without its newline (being written, or cut by a crash) is left for the next read.
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except FileNotFoundError:
+        return [], offset
+    records, consumed = [], 0
+    for raw in chunk.split(b"\n")[:-1]:
+        consumed += len(raw) + 1
+        try:
+            records.append(json.loads(raw))  # NaN/Infinity are kept as floats
+        except json.JSONDecodeError:
+            continue
+    return records, offset + consumed
+
+
+@dataclass
+class RunRecord:
+    name: str
+    path: str
+    state: str
+    model: str
+    data: str
+    created_at: float
+    final_loss: float | None
+    eval_loss: float | None
+    runtime_s: float | None
+    error: str | None
+    resumable: bool
+
+    @classmethod
+    def from_folder(cls, folder: RunFolder, live_pids: set[int] | None = None) -> "RunRecord":
+        cfg = read_json(folder.path / "config.json", {}) or {}
+        status = folder.status(live_pids)
+        summary = folder.summary()
+        return cls(
+            name=folder.name,
+            path=str(folder.path),
+            state=status.get("state", "interrupted"),
+            model=str(cfg.get("model", "?")),
+            data=str(cfg.get("data", "?")),
+            created_at=float(status.get("started_at") or folder.path.stat().st_mtime),
+            final_loss=summary.get("final_loss"),
+            eval_loss=(summary.get("eval") or {}).get("eval_loss"),
+            runtime_s=summary.get("train_runtime_s"),
+            error=status.get("error"),
+            resumable=status.get("state") in ("interrupted", "stopped", "failed") and folder.last_checkpoint() is not None,
+        )
+
+
+def list_runs(root: Path | None = None, live_pids: set[int] | None = None) -> list[RunRecord]:
+    root = root or runs_dir()
+    records = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if p.is_dir() and (p / "config.json").is_file():
+            records.append(RunRecord.from_folder(RunFolder(p), live_pids))
+    records.sort(key=lambda r: r.created_at, reverse=True)
+    return records

@@ -1,0 +1,568 @@
+"""QLoRA training: 4-bit base (bitsandbytes), LoRA adapters (peft), transformers' Trainer.
+
+The pieces, in the order a run uses them:
+1. `TrainConfig` -- every setting of a run, as plain values (presets and the UI fill it in).
+2. `device_plan` -- CUDA or CPU, the compute dtype (bf16 only where the card has compute capability
+   >= 8.0; fp16 below; bf16 autocast on the CPU) and the optimizer (paged 8-bit AdamW on CUDA).
+3. `load_model_for_training` -- NF4/FP4 with double quantization, or plain 16-bit for quant=none.
+   Frozen weights that are not quantized (embeddings, norms) stay in their 16-bit dtype: we do not
+   call peft's `prepare_model_for_kbit_training`, whose fp32 up-cast of every such weight costs
+   ~2 GB on 7-8B models and buys nothing with autocast. The adapters are kept in fp32 (peft's
+   default) and run under bf16/fp16 autocast.
+4. `auto_lora` -- rank, alpha (= 2 x rank) and target modules from the architecture, size and task.
+5. `run_training` -- Trainer + `StudioCallback`, which writes metrics, honours a stop request,
+   and keeps the run folder's status true.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .runs import RunFolder, read_metrics_from, atomic_write_json
+
+ATTENTION_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn",
+                     "Wqkv", "out_proj", "query", "key", "value", "dense"}
+MLP_MODULES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3",
+               "dense_h_to_4h", "dense_4h_to_h", "c_proj"}
+# Tasks that change the output format or need reasoning benefit from adapting the MLPs too.
+FORMAT_TASKS = {"sql", "code", "json", "reasoning", "math", "format"}
+
+
+class TrainingError(Exception):
+    """A run could not be set up; the message says why (and ``field`` which setting, if one)."""
+
+    def __init__(self, message: str, field: str | None = None, why: str | None = None):
+        super().__init__(message)
+        self.field = field
+        self.why = why or message
+
+
+@dataclass
+class TrainConfig:
+    model: str = "embedded"
+    data: str = ""
+    task: str | None = None  # e.g. "sql": enables task evaluation and informs auto LoRA
+    test_data: str | None = None  # held-out file for task evaluation (not used in training)
+    data_format: str | None = None  # auto-detected when None
+    quant: str = "nf4"  # nf4 | fp4 | none
+    double_quant: bool = True
+    rank: int | None = None  # auto when None
+    alpha: int | None = None  # 2 x rank when None
+    targets: str | list[str] | None = None  # attention | all | [names]; auto when None
+    lora_dropout: float = 0.05
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_len: int = 512
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_fraction: float = 0.1
+    eval_steps: int | None = None  # about 5 evaluations per run when None
+    save_steps: int | None = None  # with each evaluation when None
+    logging_steps: int = 1
+    gradient_checkpointing: bool = True
+    optimizer: str | None = None  # paged_adamw_8bit on CUDA, adamw_torch on the CPU when None
+    seed: int = 42
+    trust_remote_code: bool = False
+    device: str | None = None  # cuda | cpu; auto when None
+    name: str | None = None  # run folder name; generated when None
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        types = {f.name: f.type for f in fields(cls)}
+        for key in d:
+            if key not in types:
+                why = f"unknown setting; known settings: {', '.join(sorted(types))}"
+                raise TrainingError(f"{source}: {key}: {why}", key, why)
+        d = dict(d)
+        for key, value in d.items():  # YAML reads 2e-4 as text; accept numbers written as text
+            if isinstance(value, str) and types[key] in ("float", "float | None"):
+                try:
+                    d[key] = float(value)
+                except ValueError:
+                    why = f"expected a number, got {value!r}"
+                    raise TrainingError(f"{source}: {key}: {why}", key, why) from None
+        cfg = cls(**d)
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        def bad(name, why):
+            raise TrainingError(f"{source}: {name}: {why}", name, why)
+
+        if self.quant not in ("nf4", "fp4", "none"):
+            bad("quant", f"{self.quant!r} is not one of nf4, fp4, none")
+        if not self.data:
+            bad("data", "no training data file given")
+        for name in ("batch_size", "grad_accum", "max_seq_len", "logging_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, f"must be a whole number >= 1, got {v!r}")
+        if self.rank is not None and (not isinstance(self.rank, int) or not 1 <= self.rank <= 1024):
+            bad("rank", f"must be a whole number from 1 to 1024, got {self.rank!r}")
+        for name in ("learning_rate", "epochs", "eval_fraction", "warmup_ratio", "lora_dropout", "weight_decay", "max_grad_norm"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                bad(name, f"expected a number, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool)):
+            bad("max_steps", f"must be a whole number, got {self.max_steps!r}")
+        if not (0 < self.learning_rate < 1):
+            bad("learning_rate", f"must be between 0 and 1, got {self.learning_rate!r}")
+        if not 0 <= self.eval_fraction < 1:
+            bad("eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            bad("max_steps", f"must be >= 1, got {self.max_steps!r}")
+        if self.epochs <= 0:
+            bad("epochs", f"must be > 0, got {self.epochs!r}")
+        if isinstance(self.targets, str) and self.targets not in ("attention", "all"):
+            bad("targets", f"{self.targets!r} is not attention, all, or a list of module names")
+        if self.device not in (None, "cuda", "cpu"):
+            bad("device", f"{self.device!r} is not cuda or cpu")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ device
+
+
+@dataclass
+class DevicePlan:
+    device: str  # cuda | cpu
+    compute_dtype: str  # bfloat16 | float16
+    optimizer: str
+    reason: str
+
+
+def device_plan(cfg: TrainConfig) -> DevicePlan:
+    import torch
+
+    use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device: cuda was asked for, but torch sees no CUDA GPU (is a CUDA build of torch installed?)")
+    if use_cuda:
+        major, minor = torch.cuda.get_device_capability(0)
+        # Turing and older have no native bf16 (torch.cuda.is_bf16_supported() reports emulation).
+        bf16 = (major, minor) >= (8, 0)
+        return DevicePlan("cuda", "bfloat16" if bf16 else "float16", cfg.optimizer or "paged_adamw_8bit",
+                          f"{torch.cuda.get_device_name(0)} (compute capability {major}.{minor}): "
+                          + ("bf16" if bf16 else "no native bf16, fp16 with loss scaling"))
+    return DevicePlan("cpu", "bfloat16", cfg.optimizer or "adamw_torch", "no CUDA GPU: CPU with bf16 autocast")
+
+
+# ------------------------------------------------------------------ model
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the linear layers LoRA could adapt (the output head excluded)."""
+    import torch
+
+    names = set()
+    for full, module in model.named_modules():
+        leaf = full.rsplit(".", 1)[-1]
+        if leaf in ("lm_head", "embed_out", "output", "score", "classifier"):
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(leaf)
+    return sorted(names)
+
+
+def count_parameters(model) -> int:
+    """Parameters of the base model, counting packed 4-bit weights at their real size."""
+    total = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if type(module).__name__ == "Linear4bit" and name == "weight":
+                total += module.in_features * module.out_features
+            else:
+                total += p.numel()
+    return total
+
+
+def auto_lora(module_names: list[str], n_params: int, task: str | None, cfg: TrainConfig) -> dict:
+    """Rank, alpha and target modules: overrides from cfg, otherwise chosen by size and task.
+
+    - Targets: attention projections by default; MLP projections too for models under 3B parameters
+      (cheap, and small models need the capacity) and for format-shifting tasks (SQL, code, JSON).
+    - Rank: 16 for most; 8 for attention-only on models of 13B and more (big models adapt with little);
+      32 for format tasks on models of 13B and more.
+    """
+    attn = [n for n in module_names if n in ATTENTION_MODULES]
+    mlp = [n for n in module_names if n in MLP_MODULES]
+    if not attn:  # unknown architecture: adapt every linear layer
+        attn, mlp = module_names, []
+    format_task = (task or "").lower() in FORMAT_TASKS
+    why = []
+    if cfg.targets is None:
+        use_all = n_params < 3e9 or format_task
+        targets = attn + mlp if use_all else attn
+        why.append("attention + MLP projections" + (" (model under 3B)" if n_params < 3e9 else f" ({task} task)")
+                   if use_all else "attention projections")
+    elif cfg.targets == "all":
+        targets = attn + mlp
+    elif cfg.targets == "attention":
+        targets = attn
+    else:
+        missing = [t for t in cfg.targets if t not in module_names]
+        if missing:
+            raise TrainingError(f"targets: {missing} are not linear layers of this model; it has {module_names}")
+        targets = list(cfg.targets)
+    if cfg.rank is None:
+        if n_params >= 13e9:
+            rank = 32 if format_task else 8
+        else:
+            rank = 16
+        why.append(f"rank {rank} for a {n_params / 1e9:.2f}B model")
+    else:
+        rank = cfg.rank
+    alpha = cfg.alpha or 2 * rank
+    return {"rank": rank, "alpha": alpha, "targets": sorted(targets), "why": "; ".join(why)}
+
+
+def keep_4bit_weights_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, the first eval-mode forward without grad (an evaluation pass, or
+    generate()) repacks a Linear4bit weight in place; from then on its matmul carries no gradient to
+    the layer input, and training learns almost nothing. A model we train must never repack, and a
+    weight already repacked is turned back. Returns how many layers were turned back.
+    """
+    restored = 0
+    for module in model.modules():
+        if type(module).__name__ not in ("Linear4bit", "LinearNF4", "LinearFP4"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            restored += 1
+    return restored
+
+
+def load_base_model(path: str | Path, quant: str, compute_dtype: str, device: str, double_quant: bool = True,
+                    trust_remote_code: bool = False):
+    """The base model: 4-bit (NF4/FP4, double quant) or 16-bit, on the chosen device."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = getattr(torch, compute_dtype)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if quant in ("nf4", "fp4"):
+        # Explicit on purpose: BitsAndBytesConfig defaults to FP4, no double quant, fp32 compute.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype)
+    if device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return model
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    from .data import ensure_chat_template
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    ensure_chat_template(tok)
+    return tok
+
+
+# ------------------------------------------------------------------ callback
+
+
+def _peak_memory_mb(device: str) -> dict:
+    if device == "cuda":
+        import torch
+
+        return {"memory_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+                "memory_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+    try:  # the process's peak resident memory (Linux)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return {"memory_rss_mb": int(line.split()[1]) / 1024}
+    except OSError:
+        pass
+    return {}
+
+
+def _make_callback_class():
+    from transformers import TrainerCallback
+
+    class StudioCallback(TrainerCallback):
+        """Writes metrics.jsonl, honours stop requests, keeps status.json current."""
+
+        def __init__(self, run: RunFolder, stop_event: threading.Event, device: str, log=print):
+            self.run = run
+            self.stop_event = stop_event
+            self.device = device
+            self.log = log
+            self.last_time = None
+            self.last_tokens = 0
+            self.stopped = False
+            self.start_time = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_time = self.start_time = time.time()
+            self.last_tokens = state.num_input_tokens_seen
+            self.run.set_status("running", max_steps=state.max_steps, step=state.global_step,
+                                started_at=self.run.status().get("started_at") or time.time())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            now = time.time()
+            rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": now}
+            if "eval_loss" in logs:
+                rec["type"] = "eval"
+                rec.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+            elif "loss" in logs:
+                rec["type"] = "train"
+                rec["loss"] = logs["loss"]
+                rec["lr"] = logs.get("learning_rate")
+                rec["grad_norm"] = logs.get("grad_norm")
+                tokens = state.num_input_tokens_seen
+                dt = now - (self.last_time or now)
+                rec["tokens"] = tokens
+                rec["tokens_per_s"] = (tokens - self.last_tokens) / dt if dt > 0 else None
+                rec.update(_peak_memory_mb(self.device))
+                self.last_time, self.last_tokens = now, tokens
+            else:
+                return
+            self.run.append_metrics(rec)
+            if rec["type"] == "train":
+                self.log(f"step {rec['step']}/{state.max_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                         f"grad_norm {rec['grad_norm'] if rec['grad_norm'] is None else round(rec['grad_norm'], 3)} "
+                         f"tok/s {rec['tokens_per_s'] or 0:.0f}")
+            else:
+                self.log(f"eval at step {rec['step']}: eval_loss {rec['eval_loss']:.4f}")
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.stop_event.is_set() and not self.stopped:
+                self.stopped = True
+                control.should_training_stop = True
+                control.should_save = True
+                self.log(f"stop requested: saving a checkpoint at step {state.global_step}")
+            return control
+
+    return StudioCallback
+
+
+# ------------------------------------------------------------------ the run
+
+
+def _run_log(run: RunFolder, echo: bool):
+    path = run.path / "train.log"
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        if echo:
+            print(line, flush=True)
+
+    return log
+
+
+def _truncate_metrics_after(run: RunFolder, step: int) -> None:
+    """On resume, drop metric lines logged after the checkpoint we go back to."""
+    records, _ = read_metrics_from(run.metrics_path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    tmp = run.metrics_path.with_suffix(".tmp")
+    import json
+
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in kept:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run.metrics_path)
+
+
+def prepare_run(cfg: TrainConfig, name: str | None = None) -> RunFolder:
+    """Create the run folder and write its resolved configuration (before anything heavy runs)."""
+    from .data import file_sha256
+    from .runs import new_run_dir
+
+    data_path = Path(cfg.data).expanduser()
+    if not data_path.is_file():
+        raise TrainingError(f"data: {cfg.data}: no such file")
+    run = RunFolder(new_run_dir(cfg.model, cfg.data, name or cfg.name))
+    resolved = cfg.to_dict()
+    resolved["data"] = str(data_path.resolve())
+    if cfg.test_data:
+        resolved["test_data"] = str(Path(cfg.test_data).expanduser().resolve())
+    resolved["data_sha256"] = file_sha256(data_path)
+    run.write_config(resolved)
+    run.set_status("running", created_at=time.time(), phase="queued")
+    return run
+
+
+def run_training(run: RunFolder, stop_event: threading.Event | None = None, resume: bool = False,
+                 echo: bool = False) -> dict:
+    """Train the run described by ``run/config.json``; returns the final status.
+
+    Never raises for a failed run: the failure is recorded in status.json (and the traceback in
+    train.log), so the caller -- a UI thread or the CLI -- survives it.
+    """
+    stop_event = stop_event or threading.Event()
+    log = _run_log(run, echo)
+    stored = run.config()
+    cfg_dict = {k: v for k, v in stored.items() if k in {f.name for f in fields(TrainConfig)}}
+    plan = None
+    try:
+        cfg = TrainConfig.from_dict(cfg_dict, source=str(run.path / "config.json"))
+        plan = device_plan(cfg)
+        run.set_status("running", phase="loading model", device=plan.device)
+        return _train(run, cfg, plan, stored, stop_event, resume, log)
+    except Exception as e:  # recorded, not raised: the app and other runs must survive it
+        import torch
+
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        msg = f"{type(e).__name__}: {e}"
+        log("FAILED: " + msg)
+        log(traceback.format_exc())
+        if plan is not None and plan.device == "cuda":
+            torch.cuda.empty_cache()
+        return run.set_status("failed", error=msg, error_kind="oom" if oom else type(e).__name__,
+                              finished_at=time.time(), phase="failed")
+
+
+def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, stop_event, resume: bool, log) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
+
+    from .data import prepare_dataset
+    from .models import resolve_model
+
+    set_seed(cfg.seed)
+    source = resolve_model(cfg.model)
+    log(f"model {cfg.model} -> {source.path} ({source.kind}); device: {plan.reason}")
+    tokenizer = load_tokenizer(source.path, cfg.trust_remote_code)
+    data = prepare_dataset(cfg.data, tokenizer, cfg.max_seq_len, cfg.eval_fraction, cfg.seed, cfg.data_format)
+    rep = data.report
+    log(f"data {rep.path}: format {rep.format}, {rep.usable}/{rep.rows} rows usable, "
+        f"{rep.truncated} truncated at {cfg.max_seq_len}, train {len(data.train)}, eval {len(data.eval) if data.eval else 0}")
+    for issue in rep.errors[:20]:
+        log("  skipped " + issue.format(rep.path))
+    atomic_write_json(run.path / "data_report.json", rep.to_dict())
+
+    model = load_base_model(source.path, cfg.quant, plan.compute_dtype, plan.device, cfg.double_quant, cfg.trust_remote_code)
+    keep_4bit_weights_trainable(model)
+    model.config.use_cache = False
+    n_params = count_parameters(model)
+    lora = auto_lora(linear_module_names(model), n_params, cfg.task, cfg)
+    if cfg.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=lora["targets"],
+                             lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, peft_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"LoRA r={lora['rank']} alpha={lora['alpha']} on {lora['targets']} ({lora['why'] or 'as configured'}); "
+        f"trainable {trainable:,} of {n_params:,} parameters ({100 * trainable / n_params:.2f}%)")
+
+    steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * cfg.grad_accum))
+    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    eval_steps = cfg.eval_steps or max(1, total_steps // 5)
+    save_steps = cfg.save_steps or eval_steps
+    resolved = dict(stored)
+    resolved.update({"lora": lora, "device": asdict(plan), "trainable_params": trainable, "total_params": n_params,
+                     "trainable_share": trainable / n_params, "model_path": str(source.path),
+                     "model_kind": source.kind, "total_steps": total_steps, "eval_steps": eval_steps})
+    run.write_config(resolved)
+
+    args = TrainingArguments(
+        output_dir=str(run.checkpoints),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,  # show NaN/inf losses as they are
+        eval_strategy="steps" if data.eval is not None else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=2,
+        optim=plan.optimizer,
+        bf16=plan.compute_dtype == "bfloat16",
+        fp16=plan.compute_dtype == "float16",
+        use_cpu=plan.device == "cpu",
+        seed=cfg.seed,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    callback = _make_callback_class()(run, stop_event, plan.device, log)
+    trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                      processing_class=tokenizer, callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # our callback logs; the printer would echo raw dicts
+    resume_from = None
+    if resume:
+        ckpt = run.last_checkpoint()
+        if ckpt is None:
+            raise TrainingError(f"{run.path}: no checkpoint to resume from")
+        step = int(ckpt.name.rsplit("-", 1)[-1])
+        _truncate_metrics_after(run, step)
+        resume_from = str(ckpt)
+        log(f"resuming from {ckpt.name}")
+    if plan.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run.set_status("running", phase="training", total_steps=total_steps)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    model.save_pretrained(str(run.adapter))
+    tokenizer.save_pretrained(str(run.adapter))
+    final_eval = {}
+    if data.eval is not None:
+        records, _ = read_metrics_from(run.metrics_path)
+        evals = [r for r in records if r.get("type") == "eval"]
+        if not evals or evals[-1]["step"] != trainer.state.global_step:
+            final_eval = trainer.evaluate()
+        else:
+            final_eval = {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
+    records, _ = read_metrics_from(run.metrics_path)
+    train_losses = [r["loss"] for r in records if r.get("type") == "train"]
+    metrics = result.metrics
+    tokens = trainer.state.num_input_tokens_seen
+    summary = {
+        "train_runtime_s": metrics.get("train_runtime"),
+        "global_step": trainer.state.global_step,
+        "total_steps": total_steps,
+        "epoch": trainer.state.epoch,
+        "non_pad_tokens": tokens,
+        "tokens_per_s": tokens / metrics["train_runtime"] if metrics.get("train_runtime") else None,
+        "final_loss": train_losses[-1] if train_losses else None,
+        "first_loss": train_losses[0] if train_losses else None,
+        "eval": final_eval,
+        "peak_memory": _peak_memory_mb(plan.device),
+        "device": plan.device,
+        "resumed": bool(resume_from),
+    }
+    run.write_summary(summary)
+    state = "stopped" if callback.stopped else "completed"
+    log(f"{state} at step {trainer.state.global_step}: final loss {summary['final_loss']}, "
+        f"{summary['tokens_per_s'] or 0:.0f} non-pad tokens/s; adapter in {run.adapter}")
+    return run.set_status(state, finished_at=time.time(), phase=state, step=trainer.state.global_step)
