@@ -479,7 +479,7 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
     eval_steps = cfg.eval_steps or max(1, total_steps // 5)
     save_steps = cfg.save_steps or eval_steps
     resolved = dict(stored)
-    resolved.update({"lora": lora, "device": asdict(plan), "trainable_params": trainable, "total_params": n_params,
+    resolved.update({"lora": lora, "device_plan": asdict(plan), "trainable_params": trainable, "total_params": n_params,
                      "trainable_share": trainable / n_params, "model_path": str(source.path),
                      "model_kind": source.kind, "total_steps": total_steps, "eval_steps": eval_steps})
     run.write_config(resolved)
