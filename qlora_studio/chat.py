@@ -38,8 +38,13 @@ def _base_path(run: RunFolder) -> Path:
     return resolve_model(cfg.get("model")).path
 
 
-def merge_run(run: str | Path | RunFolder, progress: Callable[[float, str], None] | None = None, force: bool = False) -> Path:
-    """Merge the run's adapter into a 16-bit base; returns the merged folder (cached)."""
+def merge_run(run: str | Path | RunFolder, progress: Callable[[float, str], None] | None = None, force: bool = False,
+              dtype: str | None = None) -> Path:
+    """Merge the run's adapter into the base; returns the merged folder (cached).
+
+    The merge is computed in fp32 and saved in the base's own 16-bit dtype (``dtype`` overrides it,
+    e.g. "float32" for a bit-exact copy of base + adapter at twice the size).
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -57,10 +62,10 @@ def merge_run(run: str | Path | RunFolder, progress: Callable[[float, str], None
     progress(0.1, "loading the base model in 16-bit")
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32,
                                                 trust_remote_code=bool(cfg.get("trust_remote_code")))
-    save_dtype = getattr(base.config, "dtype", None) or torch.bfloat16
+    save_dtype = dtype or getattr(base.config, "dtype", None) or torch.bfloat16
     if isinstance(save_dtype, str):
         save_dtype = getattr(torch, save_dtype)
-    if save_dtype == torch.float32:
+    if save_dtype == torch.float32 and dtype is None:
         save_dtype = torch.bfloat16
     progress(0.5, "applying the adapter")
     model = PeftModel.from_pretrained(base, str(run.adapter))

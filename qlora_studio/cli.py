@@ -55,6 +55,7 @@ def _finish_run(run, status: dict) -> int:
 def cmd_train(args) -> int:
     from .manager import get_manager
     from .presets import ConfigError, load_config_file, load_preset
+    from .runs import RunError
     from .training import TrainingError
 
     overrides = _train_overrides(args)
@@ -69,7 +70,7 @@ def cmd_train(args) -> int:
             cfg = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, source="command line")
         manager = get_manager()
         run = manager.start(cfg, echo=True)
-    except (ConfigError, TrainingError) as e:
+    except (ConfigError, TrainingError, RunError) as e:
         raise UserError(str(e)) from e
     print(f"run folder: {run.path}", flush=True)
     return _finish_run(run, _wait_for(manager, run))
