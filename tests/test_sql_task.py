@@ -153,7 +153,7 @@ def test_examples_are_short_chats_in_one_sql_style(train, test):
         outside_literals = re.sub(r"'[^']*'", "''", sql)
         assert sql.startswith("SELECT ") and sql.endswith(";") and sql.count(";") == 1
         assert "  " not in sql and "\n" not in sql and "--" not in sql and '"' not in sql
-        assert not re.search(r"\b(select|from|where|join|on|group|order|by|having|limit|and|as|desc)\b",
+        assert not re.search(r"\b(select|from|where|join|on|group|order|by|having|limit|and|as|desc|like|between)\b",
                              outside_literals), sql
         assert len(ex["messages"][1]["content"].split()) + len(sql.split()) <= 60
 

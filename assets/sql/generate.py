@@ -12,8 +12,9 @@ upper-case keywords, lower-case identifiers, single spaces, single-quoted litera
 no trailing comments, a final ``;``. Single-table queries use no table aliases; joins
 start from the "fact" table (order_items, then orders, then customers) and use the
 aliases oi, o, c, p, r with ``child.fk = parent.pk``. Aggregates get a column alias
-(``AS ...``) only in GROUP BY queries; HAVING repeats the aggregate expression;
-ascending order is written without ``ASC``.
+(``AS ...``) only in GROUP BY queries, and HAVING / ORDER BY refer to that alias; a year
+or month is matched with ``LIKE '2024%'`` / ``LIKE '2024-03%'``, a date range with
+``BETWEEN``; ascending order is written without ``ASC``.
 
 Usage: ``python generate.py [--out DIR]``
 """
@@ -209,7 +210,7 @@ TEMPLATES = [
             "What is the number of {region} customers with a signup date in {year}?",
         ],
         sql="SELECT COUNT(*) FROM customers c JOIN regions r ON c.region_id = r.region_id "
-            "WHERE r.name = '{region}' AND strftime('%Y', c.signup_date) = '{year}';",
+            "WHERE r.name = '{region}' AND c.signup_date LIKE '{year}%';",
         slots=lambda con: [{"region": r, "year": y} for r in _regions(con) for y in (2023, 2024)],
     ),
     dict(
@@ -240,7 +241,7 @@ TEMPLATES = [
             "List the customers who joined during {month} {year}.",
             "Show the names of customers with a signup in {month} {year}.",
         ],
-        sql="SELECT name FROM customers WHERE strftime('%Y-%m', signup_date) = '{ym}';",
+        sql="SELECT name FROM customers WHERE signup_date LIKE '{ym}%';",
         slots=lambda con: _months(),
     ),
     dict(
@@ -315,7 +316,7 @@ TEMPLATES = [
             "Count the orders with status {status} placed in {year}.",
             "What is the number of orders from {year} whose status is {status}?",
         ],
-        sql="SELECT COUNT(*) FROM orders WHERE status = '{status}' AND strftime('%Y', order_date) = '{year}';",
+        sql="SELECT COUNT(*) FROM orders WHERE status = '{status}' AND order_date LIKE '{year}%';",
         slots=lambda con: [{"status": s, "year": y} for s in STATUSES for y in (2023, 2024)],
     ),
     dict(
@@ -325,7 +326,7 @@ TEMPLATES = [
             "Count the orders from {month} {year}.",
             "What is the number of orders made during {month} {year}?",
         ],
-        sql="SELECT COUNT(*) FROM orders WHERE strftime('%Y-%m', order_date) = '{ym}';",
+        sql="SELECT COUNT(*) FROM orders WHERE order_date LIKE '{ym}%';",
         slots=lambda con: _months(),
     ),
     dict(
@@ -333,9 +334,9 @@ TEMPLATES = [
         phrasings=[
             "List the {status} orders placed between {d1} and {d2}.",
             "Which orders with status {status} were made from {d1} to {d2}?",
-            "Show the ids and dates of {status} orders between {d1} and {d2}.",
+            "Show the ids of {status} orders between {d1} and {d2}.",
         ],
-        sql="SELECT order_id, order_date FROM orders WHERE status = '{status}' AND order_date BETWEEN '{d1}' AND '{d2}';",
+        sql="SELECT order_id FROM orders WHERE status = '{status}' AND order_date BETWEEN '{d1}' AND '{d2}';",
         slots=lambda con: [
             {"status": s, "d1": f"{y}-{m:02d}-01", "d2": f"{y}-{m:02d}-{d2:02d}"}
             for s in STATUSES for y in (2023, 2024) for m in (2, 5, 8, 11) for d2 in (15, 28)
@@ -348,7 +349,7 @@ TEMPLATES = [
             "Break down the orders from {month} {year} by status.",
             "Count the {month} {year} orders per status.",
         ],
-        sql="SELECT status, COUNT(*) AS order_count FROM orders WHERE strftime('%Y-%m', order_date) = '{ym}' GROUP BY status;",
+        sql="SELECT status, COUNT(*) AS order_count FROM orders WHERE order_date LIKE '{ym}%' GROUP BY status;",
         slots=lambda con: _months(),
     ),
     dict(
@@ -381,7 +382,7 @@ TEMPLATES = [
             "Find the customers who made more than {n} orders.",
         ],
         sql="SELECT c.name, COUNT(*) AS order_count FROM orders o JOIN customers c ON o.customer_id = c.customer_id "
-            "GROUP BY c.name HAVING COUNT(*) > {n};",
+            "GROUP BY c.name HAVING order_count > {n};",
         slots=lambda con: [{"n": n} for n in range(2, 10)],
     ),
     dict(
@@ -392,7 +393,7 @@ TEMPLATES = [
             "Find customers who have more than {n} orders that are {status}.",
         ],
         sql="SELECT c.name, COUNT(*) AS order_count FROM orders o JOIN customers c ON o.customer_id = c.customer_id "
-            "WHERE o.status = '{status}' GROUP BY c.name HAVING COUNT(*) > {n};",
+            "WHERE o.status = '{status}' GROUP BY c.name HAVING order_count > {n};",
         slots=lambda con: [{"status": s, "n": n} for s in STATUSES for n in (1, 2, 3, 4, 5)],
     ),
     dict(
@@ -458,7 +459,7 @@ TEMPLATES = [
         ],
         sql="SELECT p.category, SUM(oi.quantity * oi.unit_price) AS revenue FROM order_items oi "
             "JOIN products p ON oi.product_id = p.product_id JOIN orders o ON oi.order_id = o.order_id "
-            "WHERE strftime('%Y-%m', o.order_date) = '{ym}' GROUP BY p.category;",
+            "WHERE o.order_date LIKE '{ym}%' GROUP BY p.category;",
         slots=lambda con: _months(),
     ),
     dict(
@@ -481,7 +482,7 @@ TEMPLATES = [
             "Find regions where the number of customers exceeds {n}.",
         ],
         sql="SELECT r.name, COUNT(*) AS customer_count FROM customers c JOIN regions r ON c.region_id = r.region_id "
-            "GROUP BY r.name HAVING COUNT(*) > {n};",
+            "GROUP BY r.name HAVING customer_count > {n};",
         slots=lambda con: [{"n": n} for n in range(30, 100, 5)],
     ),
     dict(
@@ -493,7 +494,7 @@ TEMPLATES = [
         ],
         sql="SELECT p.category, SUM(oi.quantity * oi.unit_price) AS revenue FROM order_items oi "
             "JOIN products p ON oi.product_id = p.product_id GROUP BY p.category "
-            "HAVING SUM(oi.quantity * oi.unit_price) > {amount};",
+            "HAVING revenue > {amount};",
         slots=lambda con: [{"amount": a} for a in range(5000, 80001, 5000)],
     ),
 ]
