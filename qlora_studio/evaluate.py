@@ -301,3 +301,38 @@ def score_sql(predictions: Sequence[str], golds: Sequence[str], db_path, *,
         "exact_match": exact / n if n else 0.0,
         "errors": errors,
     }
+
+
+def evaluate_run(run, *, base: bool = False, limit: int | None = None, max_new_tokens: int = 96) -> dict:
+    """Task evaluation of a run (or, with ``base=True``, of the model it started from).
+
+    For ``task: sql`` runs: greedy replies to the held-out questions of ``test_data`` (the sample
+    set's test.jsonl by default), scored by execution accuracy on the warehouse database and exact
+    match. Written to ``<run>/eval.json`` or ``<run>/eval_base.json`` and returned.
+    """
+    import time
+
+    from .chat import generate_batch, load_run_model
+    from .runs import RunFolder, atomic_write_json, resolve_run
+
+    folder = RunFolder(resolve_run(run))
+    cfg = folder.config()
+    if (cfg.get("task") or "").lower() != "sql":
+        raise ValueError(f"{folder.name}: task evaluation exists for task 'sql' only (this run's task: {cfg.get('task')}); "
+                         "its eval loss is in summary.json")
+    test_path = Path(cfg.get("test_data") or sample_sql_dir() / "test.jsonl")
+    examples = load_sql_examples(test_path)[:limit]
+    t0 = time.time()
+    model, tok = load_run_model(folder.path, base=base)
+    replies = generate_batch(model, tok, [e["messages_prompt"] for e in examples], max_new_tokens=max_new_tokens)
+    result = score_sql(replies, [e["gold"] for e in examples], warehouse_db_path())
+    result.update({"model": "base" if base else "fine-tuned", "test_data": str(test_path), "seconds": time.time() - t0,
+                   "samples": [{"question": e["question"], "gold": e["gold"], "reply": r}
+                               for e, r in zip(examples, replies)]})
+    atomic_write_json(folder.path / ("eval_base.json" if base else "eval.json"), result)
+    summary = folder.summary()
+    if summary:
+        summary.setdefault("task_eval", {})["base" if base else "fine_tuned"] = {
+            k: result[k] for k in ("n", "execution_accuracy", "exact_match", "errors")}
+        folder.write_summary(summary)
+    return result

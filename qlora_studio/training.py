@@ -178,9 +178,12 @@ def linear_module_names(model) -> list[str]:
 
 def count_parameters(model) -> int:
     """Parameters of the base model, counting packed 4-bit weights at their real size."""
-    total = 0
+    total, seen = 0, set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # tied weights (lm_head = embeddings) count once
+                continue
+            seen.add(id(p))
             if type(module).__name__ == "Linear4bit" and name == "weight":
                 total += module.in_features * module.out_features
             else:
