@@ -332,13 +332,14 @@ def estimate(
         assumptions.append("gradients fp32 (4 B/param)")
     else:
         trainable = lora_params(arch, rank, targets)
-        adapters = 4 * trainable  # fp32 masters
+        # fp32 masters (4 B) + the compute-dtype copies autocast makes in the forward and backward keeps
+        adapters = 4 * trainable + (c * trainable if c < 4 else 0)
         sizes = _lora_tensor_sizes(arch, rank, targets)
         modules = ", ".join(m.name for m in target_modules(arch, targets))
         assumptions.append(
-            f"LoRA r={rank} on {modules} in every layer: {trainable / 1e6:.1f}M params kept fp32 (4 B) "
-            f"with {compute_dtype} autocast; fp32 gradients; lora_dropout 0 (dropout > 0 keeps a copy of "
-            "each adapted input)")
+            f"LoRA r={rank} on {modules} in every layer: {trainable / 1e6:.1f}M params kept fp32 (4 B)"
+            + (f" plus the {compute_dtype} copies autocast makes for the forward ({c} B)" if c < 4 else "")
+            + "; fp32 gradients; lora_dropout 0 (dropout > 0 keeps a copy of each adapted input)")
     gradients = 4 * trainable
     optimizer_total = optimizer_bytes(sizes, optimizer)
     if optimizer == "adamw_torch":
