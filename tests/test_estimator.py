@@ -466,3 +466,19 @@ def test_cli_tables_and_user_errors(capsys, tmp_path):
     assert str(bad) in err and "num_hidden_layers" in err
     assert main(["recommend", "--gpu", "rtx 9090"]) == 2
     assert main(["estimate", "--model", "Qwen2.5-7B", "--method", "full", "--quant", "nf4"]) == 2
+
+
+def test_gpu_benchmark_without_cuda_exits_with_one_line():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "vram_accuracy.py"), "--only", "0.5B"],
+                         capture_output=True, text=True, timeout=120, cwd=root)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the benchmark would really run")
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and "CUDA" in out.stderr and "Traceback" not in out.stderr
+    listed = subprocess.run([sys.executable, str(root / "benchmarks" / "vram_accuracy.py"), "--list"],
+                            capture_output=True, text=True, timeout=120, cwd=root)
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) >= 13  # header + >= 12 configurations
