@@ -121,15 +121,8 @@ def hf_config(arch: Architecture):
     """A transformers config with the architecture's shapes (random weights will be built from it)."""
     from transformers import AutoConfig
 
-    kwargs = dict(
-        hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_kv_heads, head_dim=arch.head_dim, intermediate_size=arch.intermediate_size,
-        vocab_size=arch.vocab_size, tie_word_embeddings=arch.tied_embeddings, pad_token_id=0,
-    )
-    if arch.model_type == "gemma2":
-        kwargs.update(final_logit_softcapping=30.0, attn_logit_softcapping=50.0, sliding_window=4096,
-                      query_pre_attn_scalar=arch.head_dim)
-    return AutoConfig.for_model(arch.model_type, **kwargs)
+    cfg = arch.to_config_dict()
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
 def write_random_checkpoint(arch: Architecture, folder: Path) -> None:

@@ -138,6 +138,21 @@ class Architecture:
     def total_params(self) -> int:
         return self.param_counts().total
 
+    def to_config_dict(self) -> dict:
+        """A config.json dict with these shapes (for building a random-weight model of this architecture)."""
+        cfg = dict(
+            model_type=self.model_type, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size, vocab_size=self.vocab_size,
+            tie_word_embeddings=self.tied_embeddings, pad_token_id=0,
+        )
+        if self.model_type == "gemma2":
+            cfg.update(final_logit_softcapping=30.0 if self.final_logit_softcap else None,
+                       attn_logit_softcapping=50.0, sliding_window=4096, query_pre_attn_scalar=self.head_dim)
+        if self.qkv_bias and self.model_type != "qwen2":
+            cfg["attention_bias"] = True
+        return cfg
+
 
 def _arch(name, model_type, h, L, heads, kv, head_dim, inter, vocab, tied, hub_ids=(), **extra) -> Architecture:
     return Architecture(

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qlora_studio.catalog import CATALOG, ArchitectureError, load_architecture
+from qlora_studio.catalog import CATALOG, ArchitectureError, architecture_from_config, load_architecture
 
 # Published parameter totals (external facts: model cards / the shapes' official totals as listed in
 # shared/reference/architectures.md; Qwen3-32B and Llama-2-13B from their model cards).
@@ -160,3 +160,20 @@ def test_invalid_json_names_the_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ArchitectureError, match="not valid JSON"):
         load_architecture(path)
+
+
+# One model per family (all 26 agree too, but each build costs a fraction of a second).
+@pytest.mark.parametrize("name", ["SmolLM2-135M", "Qwen2.5-0.5B", "Qwen3-0.6B", "Llama-3.2-1B", "Mistral-7B-v0.3",
+                                  "Gemma-2-2B", "Phi-3.5-mini"])
+def test_counts_equal_transformers_own_modules(name):
+    """Build the architecture on the meta device with transformers and count its parameters."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = load_architecture(name)
+    cfg = arch.to_config_dict()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    assert sum(p.numel() for p in model.parameters()) == arch.total_params
+    roundtrip = architecture_from_config(arch.to_config_dict(), "config.json")
+    assert roundtrip.param_counts() == arch.param_counts()

@@ -472,11 +472,11 @@ def test_gpu_benchmark_without_cuda_exits_with_one_line():
     import subprocess
     import sys
 
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the benchmark would really run")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "vram_accuracy.py"), "--only", "0.5B"],
                          capture_output=True, text=True, timeout=120, cwd=root)
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: the benchmark would really run")
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and "CUDA" in out.stderr and "Traceback" not in out.stderr
     listed = subprocess.run([sys.executable, str(root / "benchmarks" / "vram_accuracy.py"), "--list"],
