@@ -122,7 +122,7 @@ def _add_plan_verbs(sub) -> None:
     p = sub.add_parser("recommend", help="the largest catalog model a card can train, and how")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--gpu", metavar="NAME", help="plan for a catalog card, e.g. 'RTX 3060' (default: the detected GPU)")
-    which.add_argument("--vram-gb", type=float, metavar="N", help="plan for a card with N GB of memory")
+    which.add_argument("--vram-gb", type=float, metavar="N", help="plan for a card with N GB of memory (GB as cards are sold: GiB)")
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_recommend)

@@ -122,14 +122,15 @@ def quantized_linear_bytes(n_weights: int, double_quant: bool) -> int:
     return data + scales + CODE_4BIT_BYTES
 
 
-def weights_bytes(arch: Architecture, quant: str = "nf4", double_quant: bool = True) -> int:
+def weights_bytes(arch: Architecture, quant: str = "nf4", double_quant: bool = True, dtype_bytes: int = 2) -> int:
     """The frozen base model in memory. With 4-bit, only the decoder's linear weights are quantized;
-    embeddings, lm_head, norms and biases stay in 16-bit (2 B). Without quantization all is 16-bit."""
+    embeddings, lm_head, norms and biases stay in the load dtype (``dtype_bytes``: 2 for bf16/fp16, 4 when
+    a card without fast 16-bit math loads the model in fp32). Without quantization everything is in it."""
     counts = arch.param_counts()
     if quant == "none":
-        return 2 * counts.total
+        return dtype_bytes * counts.total
     per_layer = sum(quantized_linear_bytes(m.weight_params, double_quant) for m in arch.linear_layers())
-    return arch.num_layers * per_layer + 2 * counts.unquantized
+    return arch.num_layers * per_layer + dtype_bytes * counts.unquantized
 
 
 def target_modules(arch: Architecture, targets: str) -> list[LinearShape]:
@@ -309,9 +310,9 @@ def estimate(
             f"add {_gib(c * copies)} while backward needs them")
     else:
         hb = c
-        weights = weights_bytes(arch, quant, double_quant)
+        weights = weights_bytes(arch, quant, double_quant, dtype_bytes=c)
         if quant == "none":
-            assumptions.append("LoRA on a 16-bit base: every weight at 2 B/param")
+            assumptions.append(f"LoRA on a {8 * c}-bit base: every weight at {c} B/param")
         else:
             per_param = (quantized_linear_bytes(10**9, double_quant) / 1e9)
             scales = ("8-bit absmax per 64 weights + fp32 scale per 256 absmax (double quantization)"
@@ -319,10 +320,11 @@ def estimate(
             assumptions.append(
                 f"{quant.upper()} base: {counts.quantizable / 1e9:.2f}B linear weights at {per_param:.4f} B/param "
                 f"(0.5 B + {scales}); embeddings, lm_head, norms and biases "
-                f"({counts.unquantized / 1e6:.0f}M params) stay 16-bit")
-            assumptions.append(
-                "peft's prepare_model_for_kbit_training would upcast those 16-bit modules to fp32: "
-                f"+{_gib(2 * counts.unquantized)}")
+                f"({counts.unquantized / 1e6:.0f}M params) stay {8 * c}-bit")
+            if c == 2:
+                assumptions.append(
+                    "peft's prepare_model_for_kbit_training would upcast those 16-bit modules to fp32: "
+                    f"+{_gib(2 * counts.unquantized)}")
 
     # ---- trainable parameters: adapters, gradients, optimizer
     if full:
@@ -655,7 +657,8 @@ def recommend(
             chosen = arch
             break
     if chosen is None:
-        plan.suggestions = _what_to_change(usable, total, seq, headroom, base)
+        need, plan.suggestions = _what_to_change(usable, total, seq, headroom, base)
+        plan.notes.append(need)
         return plan
 
     batch, est = 1, estimate(chosen, batch=1, **base)
@@ -675,11 +678,13 @@ def recommend(
     return plan
 
 
-def _what_to_change(usable: int, total: int, seq: int, headroom: float, base: dict) -> list[str]:
+def _what_to_change(usable: int, total: int, seq: int, headroom: float, base: dict) -> tuple[str, list[str]]:
+    """Why nothing fits (a sentence), and what to change (a list)."""
     smallest = min((a for a in CATALOG if a.recommendable), key=lambda a: a.total_params)
     need = estimate(smallest, batch=1, **base).total_bytes
-    out = [f"the smallest catalog model, {smallest.name}, needs {_gib(need)} at seq {seq} "
-           f"(+{headroom:.0%} headroom = {_gib(int(need * (1 + headroom)))}); this card offers {_gib(usable)}"]
+    why = (f"the smallest catalog model, {smallest.name}, needs {_gib(need)} at seq {seq} "
+           f"(+{headroom:.0%} headroom = {_gib(int(need * (1 + headroom)))}); this card offers {_gib(usable)}")
+    out = []
     for shorter in (1024, 512, 256, 128):
         if shorter < seq and _fits(estimate(smallest, batch=1, **{**base, "seq": shorter}).total_bytes, usable, headroom):
             out.append(f"shorten sequences to {shorter} tokens: {smallest.name} then fits")
@@ -688,4 +693,4 @@ def _what_to_change(usable: int, total: int, seq: int, headroom: float, base: di
         out.append(f"close other programs: {_gib(total - usable)} of this card is in use")
     out.append("train the demo model on the CPU (slow, but it works without a GPU)")
     out.append(f"use a card with at least {math.ceil(need * (1 + headroom) / GiB)} GB")
-    return out
+    return why, out
