@@ -564,8 +564,38 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
         "device": plan.device,
         "resumed": bool(resume_from),
     }
+    summary["memory_estimate"] = _estimate_vs_measured(cfg, lora, source.path, plan, summary["peak_memory"], log)
     run.write_summary(summary)
     state = "stopped" if callback.stopped else "completed"
     log(f"{state} at step {trainer.state.global_step}: final loss {summary['final_loss']}, "
         f"{summary['tokens_per_s'] or 0:.0f} non-pad tokens/s; adapter in {run.adapter}")
     return run.set_status(state, finished_at=time.time(), phase=state, step=trainer.state.global_step)
+
+
+def _estimate_vs_measured(cfg: TrainConfig, lora: dict, model_path: Path, plan: DevicePlan, peak: dict, log) -> dict | None:
+    """The estimator's peak for this run's settings next to the measured one; on CUDA the pair is
+    recorded so the estimator can calibrate itself to this machine."""
+    from .catalog import load_architecture
+    from .estimator import estimate, record_measurement
+
+    try:
+        arch = load_architecture(model_path)
+        targets = "all" if len(lora["targets"]) > len([t for t in lora["targets"] if t in ATTENTION_MODULES]) else "attention"
+        est = estimate(arch, method="qlora" if cfg.quant != "none" else "lora",
+                       quant=None if cfg.quant == "none" else cfg.quant, double_quant=cfg.double_quant,
+                       rank=lora["rank"], targets=targets, batch=cfg.batch_size, seq=cfg.max_seq_len,
+                       grad_checkpointing=cfg.gradient_checkpointing, optimizer=plan.optimizer,
+                       compute_dtype="bf16" if plan.compute_dtype == "bfloat16" else "fp16")
+    except Exception as e:  # an architecture the estimator does not know: no comparison, no failure
+        log(f"no memory estimate for this model ({e})")
+        return None
+    out = {"estimated_bytes": est.total_bytes, "breakdown": est.breakdown}
+    if plan.device == "cuda" and peak.get("memory_reserved_mb"):
+        import torch
+
+        measured = int(peak["memory_reserved_mb"] * 2**20)
+        out.update(measured_bytes=measured, error=(est.total_bytes - measured) / measured)
+        record_measurement(est.total_bytes, measured, torch.cuda.get_device_name(0), model=str(cfg.model),
+                           batch=cfg.batch_size, seq=cfg.max_seq_len, quant=cfg.quant)
+        log(f"memory: estimated {est.total_bytes / 2**30:.2f} GiB, measured peak {measured / 2**30:.2f} GiB reserved")
+    return out

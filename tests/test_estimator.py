@@ -157,7 +157,7 @@ def test_published_short_context_7b_is_about_7_gb():
 
 # ------------------------------------------------------------------ weights term vs the CPU reality
 
-bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes as bnb  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 
@@ -232,18 +232,8 @@ def test_weights_term_matches_model_loaded_in_4bit(tiny_checkpoints, family, qua
 
 
 @pytest.mark.slow
-def test_weights_term_matches_embedded_model_loaded_in_4bit():
-    import qlora_studio
-
-    try:
-        from qlora_studio.models import embedded_model_path
-    except ImportError as e:
-        pytest.skip(f"qlora_studio.models.embedded_model_path is not on this branch yet ({e})")
-    import qlora_studio.models as models
-
-    if Path(models.__file__).parent != Path(qlora_studio.__file__).parent:
-        pytest.skip(f"qlora_studio.models was found in another checkout ({models.__file__}), not on this branch")
-    path = embedded_model_path()
+def test_weights_term_matches_embedded_model_loaded_in_4bit(embedded_path):
+    path = embedded_path
     arch = load_architecture(path)
     assert arch.total_params == pytest.approx(134.5e6, rel=0.005)
     model = _load_4bit(path, "nf4", True)

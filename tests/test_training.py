@@ -37,6 +37,7 @@ def test_tiny_llama_run_writes_a_complete_run_folder(studio_home, tiny_llama, to
     summary = run.summary()
     assert summary["non_pad_tokens"] == train[-1]["tokens"] > 0
     assert summary["tokens_per_s"] > 0 and summary["train_runtime_s"] > 0 and summary["eval"]["eval_loss"] > 0
+    assert summary["memory_estimate"]["estimated_bytes"] > 0 and set(summary["memory_estimate"]["breakdown"]) >= {"weights", "logits"}
     assert (run.adapter / "adapter_config.json").is_file() and (run.adapter / "adapter_model.safetensors").is_file()
     assert run.last_checkpoint() is not None
     assert "trainable" in (run.path / "train.log").read_text()
