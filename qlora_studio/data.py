@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,6 +69,9 @@ class DataReport:
     truncated: int | None = None  # filled by tokenization
     token_lengths: list[int] = field(default_factory=list)
     sha256: str = ""
+    # Counts for the quality checks (see `_quality_warnings`): duplicates, conflicting_prompts,
+    # conflicting_rows, empty_answers, and "examples": the first few lines of each.
+    quality: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -277,20 +281,64 @@ def load_examples(path: str | Path, fmt: str | None = None) -> tuple[list[Exampl
         raise DataError(f"no usable rows in {path}; first problem: {first}")
     if issues:
         report.warnings.append(f"{len(issues)} of {report.rows} rows skipped (see errors)")
-    _quality_warnings(examples, report)
+    by_line = dict(rows)
+    empty_lines = [i.line for i in issues if i.message == "empty" and _is_answer_field(fmt, by_line.get(i.line), i.field)]
+    _quality_warnings(examples, report, empty_lines)
     return examples, report
 
 
-def _quality_warnings(examples: list[Example], report: DataReport) -> None:
+def _is_answer_field(fmt: str, row: object, field_name: str) -> bool:
+    """Whether a reported field is the answer (what the model learns to write) of its row."""
+    if fmt == "alpaca":
+        return field_name == "output"
+    if fmt == "prompt_completion":
+        return field_name == "completion"
+    if fmt in ("chat", "sharegpt") and isinstance(row, dict):
+        key, role_key = ("messages", "role") if fmt == "chat" else ("conversations", "from")
+        m = re.fullmatch(rf"{key}\[(\d+)\]\.\w+", field_name)
+        turns = row.get(key)
+        if m and isinstance(turns, list) and int(m.group(1)) < len(turns) and isinstance(turns[int(m.group(1))], dict):
+            role = str(turns[int(m.group(1))].get(role_key)).lower()
+            return (_SHAREGPT_ROLES.get(role) if fmt == "sharegpt" else role) == "assistant"
+    return False
+
+
+def _quality_warnings(examples: list[Example], report: DataReport, empty_answer_lines: list[int] = ()) -> None:
+    """Duplicates, the same prompt with different answers, empty answers: counted in
+    ``report.quality`` (with the first few lines of each) and summed up in ``report.warnings``.
+
+    The prompt of a chat-shaped example is everything before its last assistant turn; its answer is
+    that turn. Text rows have no prompt and only count as duplicates.
+    """
     seen: dict[str, int] = {}
-    duplicates = 0
+    duplicates, duplicate_lines = 0, []
+    answers: dict[str, dict[str, list[int]]] = {}  # prompt -> answer -> lines
     for ex in examples:
         key = json.dumps(ex.messages or ex.text, sort_keys=True)
         if key in seen:
             duplicates += 1
+            duplicate_lines.append(ex.line)
         seen[key] = ex.line
+        if ex.messages:
+            last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+            prompt = json.dumps(ex.messages[:last], sort_keys=True)
+            answers.setdefault(prompt, {}).setdefault(ex.messages[last]["content"].strip(), []).append(ex.line)
+    conflicts = [sorted(line for lines in by_answer.values() for line in lines)
+                 for by_answer in answers.values() if len(by_answer) > 1]
+    report.quality = {
+        "duplicates": duplicates,
+        "conflicting_prompts": len(conflicts),
+        "conflicting_rows": sum(len(c) for c in conflicts),
+        "empty_answers": len(empty_answer_lines),
+        "examples": {"duplicates": duplicate_lines[:5], "conflicting": conflicts[:5],
+                     "empty_answers": list(empty_answer_lines)[:5]},
+    }
     if duplicates:
         report.warnings.append(f"{duplicates} duplicate rows")
+    if conflicts:
+        report.warnings.append(f"{len(conflicts)} prompts have conflicting answers ({report.quality['conflicting_rows']} rows)")
+    if empty_answer_lines:
+        report.warnings.append(f"{len(empty_answer_lines)} rows have an empty answer (skipped)")
     if len(examples) < 20:
         report.warnings.append(f"only {len(examples)} usable rows: expect overfitting; a few hundred is a good start")
 
