@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from .runs import RunFolder, list_runs, resolve_run
-from .training import TrainConfig, prepare_run, run_training
+from .training import TrainConfig, prepare_fix_run, prepare_run, run_training
 
 
 class RunBusy(Exception):
@@ -65,6 +65,17 @@ class RunManager:
             folder.set_status("running", phase="resuming")
             self._launch(folder, resume=True, echo=echo)
             return folder
+
+    def apply_fix(self, run: str | Path | RunFolder, fix, reason: str = "", echo: bool = False) -> RunFolder:
+        """"Apply and restart": a new run folder with the fix's changed settings, started from the
+        old run's last good checkpoint (see `prepare_fix_run`), training in the background.
+        ``fix``: a `diagnose.Fix` or its dict; ``reason``: why (the finding's message)."""
+        folder = run if isinstance(run, RunFolder) else RunFolder(resolve_run(run))
+        with self._lock:
+            self._refuse_if_busy()
+            child = prepare_fix_run(folder, fix, reason)
+            self._launch(child, resume=False, echo=echo)
+            return child
 
     def stop(self) -> bool:
         """Ask the active run to stop at the end of its current step (it saves a checkpoint)."""

@@ -12,6 +12,17 @@ The pieces, in the order a run uses them:
 4. `auto_lora` -- rank, alpha (= 2 x rank) and target modules from the architecture, size and task.
 5. `run_training` -- Trainer + `StudioCallback`, which writes metrics, honours a stop request,
    and keeps the run folder's status true.
+
+Troubleshooting acts inside the run (the findings themselves come from `diagnose`):
+- out of memory: caught, memory released, and -- up to ``oom_retries`` times -- retried from the
+  last checkpoint with half the micro-batch and twice the gradient accumulation (the same effective
+  batch); each recovery is written to train.log and to status.json's ``recoveries``. When it cannot
+  recover, the run fails with ``error_kind: "oom"`` and keeps its checkpoints.
+- NaN/inf loss or grad norm: the callback stops the run at once without saving the poisoned state;
+  checkpoints saved after the last good step are set aside, the last good checkpoint's adapter
+  becomes the run's adapter, and the run fails with ``error_kind: "nonfinite"``.
+- a fix applied to a run (`prepare_fix_run`) starts a new run from a checkpoint's adapter weights
+  (``init_adapter``) with a fresh optimizer and schedule.
 """
 
 from __future__ import annotations
@@ -75,6 +86,9 @@ class TrainConfig:
     trust_remote_code: bool = False
     device: str | None = None  # cuda | cpu; auto when None
     name: str | None = None  # run folder name; generated when None
+    oom_retries: int = 3  # automatic out-of-memory recoveries: half the micro-batch, twice the accumulation
+    init_adapter: str | None = None  # start from these LoRA weights (a checkpoint of an earlier run)
+    init_step: int = 0  # the earlier run's step those weights come from (for the record)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
@@ -107,6 +121,12 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(name, f"must be a whole number >= 1, got {v!r}")
+        for name in ("oom_retries", "init_step"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(name, f"must be a whole number >= 0, got {v!r}")
+        if self.init_adapter is not None and not (Path(self.init_adapter) / "adapter_model.safetensors").is_file():
+            bad("init_adapter", f"{self.init_adapter}: no adapter_model.safetensors there")
         if self.rank is not None and (not isinstance(self.rank, int) or not 1 <= self.rank <= 1024):
             bad("rank", f"must be a whole number from 1 to 1024, got {self.rank!r}")
         for name in ("learning_rate", "epochs", "eval_fraction", "warmup_ratio", "lora_dropout", "weight_decay", "max_grad_norm"):
@@ -119,7 +139,8 @@ class TrainConfig:
             bad("learning_rate", f"must be between 0 and 1, got {self.learning_rate!r}")
         if not 0 <= self.eval_fraction < 1:
             bad("eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
-        if self.max_steps is not None and self.max_steps < 1:
+        # 0 steps is allowed for a run that starts from an adapter: it evaluates and keeps that adapter.
+        if self.max_steps is not None and self.max_steps < (0 if self.init_adapter else 1):
             bad("max_steps", f"must be >= 1, got {self.max_steps!r}")
         if self.epochs <= 0:
             bad("epochs", f"must be > 0, got {self.epochs!r}")
@@ -304,16 +325,20 @@ def _make_callback_class():
     from transformers import TrainerCallback
 
     class StudioCallback(TrainerCallback):
-        """Writes metrics.jsonl, honours stop requests, keeps status.json current."""
+        """Writes metrics.jsonl, honours stop requests, keeps status.json current, and feeds each
+        record to a `Diagnoser`: its findings go to train.log, and a NaN/inf stops the run at once
+        without evaluating or saving the poisoned state (``self.nonfinite`` holds that finding)."""
 
-        def __init__(self, run: RunFolder, stop_event: threading.Event, device: str, log=print):
+        def __init__(self, run: RunFolder, stop_event: threading.Event, device: str, log=print, diagnoser=None):
             self.run = run
             self.stop_event = stop_event
             self.device = device
             self.log = log
+            self.diagnoser = diagnoser
             self.last_time = None
             self.last_tokens = 0
             self.stopped = False
+            self.nonfinite = None
             self.start_time = None
 
         def on_train_begin(self, args, state, control, **kw):
@@ -349,6 +374,16 @@ def _make_callback_class():
                          f"tok/s {rec['tokens_per_s'] or 0:.0f}")
             else:
                 self.log(f"eval at step {rec['step']}: eval_loss {rec['eval_loss']:.4f}")
+            if self.diagnoser is None:
+                return
+            for finding in self.diagnoser.add(rec):
+                _log_finding(self.log, finding)
+            if self.diagnoser.stop_reason is not None and self.nonfinite is None:
+                self.nonfinite = self.diagnoser.stop_reason
+                control.should_training_stop = True
+                control.should_save = False  # the weights after this step are not worth keeping
+                control.should_evaluate = False
+                self.log(f"stopping at step {state.global_step}: non-finite values; nothing more is saved")
 
         def on_step_end(self, args, state, control, **kw):
             if self.stop_event.is_set() and not self.stopped:
@@ -359,6 +394,12 @@ def _make_callback_class():
             return control
 
     return StudioCallback
+
+
+def _log_finding(log, finding) -> None:
+    log(f"finding ({finding.severity}) {finding.kind} at step {finding.step}: {finding.message}")
+    for i, fix in enumerate(finding.fixes, 1):
+        log(f"  fix {i}: {fix.title}" + (f" {fix.changes}" if fix.changes else ""))
 
 
 # ------------------------------------------------------------------ the run
@@ -411,42 +452,248 @@ def prepare_run(cfg: TrainConfig, name: str | None = None) -> RunFolder:
     return run
 
 
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _release_memory(device: str | None) -> None:
+    """Free what a failed attempt left behind (its frames are gone once the exception is)."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _last_logged_step(run: RunFolder) -> int:
+    records, _ = read_metrics_from(run.metrics_path)
+    steps = [r.get("step", 0) for r in records if r.get("type") == "train"]
+    return max(steps) if steps else 0
+
+
+def _recover_from_oom(run: RunFolder, cfg: TrainConfig, error: str, log) -> dict:
+    """Halve the micro-batch, double the accumulation (the effective batch stays), note it in
+    config.json, status.json (``recoveries``) and train.log; the caller retries from the last
+    checkpoint, or from the start if there is none."""
+    step = _last_logged_step(run) + 1  # the step that was being computed
+    b, ga = cfg.batch_size, cfg.grad_accum
+    nb, nga = max(1, b // 2), ga * 2 if b > 1 else ga
+    stored = run.config()
+    stored.update(batch_size=nb, grad_accum=nga)
+    run.write_config(stored)
+    ckpt = run.last_checkpoint()
+    recovery = {"step": step, "error": error, "batch_size": [b, nb], "grad_accum": [ga, nga],
+                "resumed_from": ckpt.name if ckpt else None, "time": time.time()}
+    recoveries = (run.status().get("recoveries") or []) + [recovery]
+    run.set_status("running", phase="recovering from out of memory", recoveries=recoveries)
+    log(f"out of memory at step {step}: recovering automatically ({len(recoveries)} of {cfg.oom_retries}): "
+        f"micro-batch {b} -> {nb}, gradient accumulation {ga} -> {nga} (effective batch {b * ga} -> {nb * nga}); "
+        + (f"continuing from {ckpt.name}" if ckpt else "no checkpoint yet, starting over"))
+    if ckpt is None:
+        _truncate_metrics_after(run, 0)
+    return recovery
+
+
+LAYOUT_SETTINGS = ("model", "rank", "alpha", "targets", "task", "trust_remote_code")
+
+
+def prepare_fix_run(parent, fix, reason: str = "", name: str | None = None) -> RunFolder:
+    """A new run folder for "apply and restart": the parent's settings with the fix's changes.
+
+    It starts from the adapter weights of the parent's newest good checkpoint at or before
+    ``fix.from_step`` (None: the newest good one; 0, none there, or a change of model or LoRA layout:
+    from scratch), copied into the new folder's ``init_adapter/``. It trains what is left of the
+    parent's schedule (in the new effective batch), or -- when nothing is left and the fix does not
+    set the length itself -- the parent's whole length again from those weights. config.json records
+    ``parent_run``, ``changes``, ``reason``, ``fix`` and ``init_checkpoint``.
+    """
+    import shutil
+
+    from .diagnose import Fix
+    from .home import runs_dir
+    from .runs import resolve_run
+
+    parent = parent if isinstance(parent, RunFolder) else RunFolder(resolve_run(parent))
+    fix = Fix.from_dict(fix) if isinstance(fix, dict) else fix
+    if not fix.changes:
+        raise TrainingError(f"'{fix.title}' is advice: there is no setting to change")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(k for k in fix.changes if k not in known)
+    if unknown:
+        raise TrainingError(f"the fix changes unknown settings {unknown}")
+    old = parent.config()
+    settings = {k: v for k, v in old.items() if k in known}
+    settings.update(fix.changes)
+    settings.update(name=None, init_adapter=None, init_step=0)
+
+    ckpt = None
+    if fix.from_step != 0 and not any(k in fix.changes for k in LAYOUT_SETTINGS):
+        good = good_checkpoints(parent, fix.from_step)
+        ckpt = good[-1] if good else None
+    init_step = int(ckpt.name.rsplit("-", 1)[-1]) if ckpt else 0
+
+    # How long the new run trains: what the parent had left, counted in the new effective batch.
+    ratio = (old.get("batch_size", 4) * old.get("grad_accum", 1)) / (settings["batch_size"] * settings["grad_accum"])
+    sets_length = "max_steps" in fix.changes or "epochs" in fix.changes
+    if ckpt is not None:
+        if settings.get("max_steps") is not None:
+            left = round((settings["max_steps"] - init_step) * ratio)
+            settings["max_steps"] = max(0, left) if (left > 0 or sets_length) else round(old["max_steps"] * ratio)
+        else:
+            total = old.get("total_steps") or 0
+            done = init_step / total * float(old.get("epochs", 1.0)) if total else 0.0
+            left = round(float(settings["epochs"]) - done, 4)
+            if left > 0:
+                settings["epochs"] = left
+            elif sets_length:
+                settings["max_steps"] = 0
+            # else: the whole length again from these weights
+        settings["init_adapter"] = str(ckpt)  # checked by validation; the copy below replaces it
+        settings["init_step"] = init_step
+
+    cfg = TrainConfig.from_dict(settings, source=f"fix '{fix.title}'")
+    if name is None:  # <parent>-fix1, -fix2, ...
+        i = 1
+        while (runs_dir() / f"{parent.name[:90]}-fix{i}").exists():
+            i += 1
+        name = f"{parent.name[:90]}-fix{i}"
+    child = prepare_run(cfg, name)
+    config = child.config()
+    if ckpt is not None:
+        dest = child.path / "init_adapter"
+        dest.mkdir()
+        for f in ckpt.iterdir():
+            if f.is_file() and f.name.startswith("adapter_"):
+                shutil.copy2(f, dest / f.name)
+        config["init_adapter"] = str(dest)
+    config.update(parent_run=str(parent.path), changes=dict(fix.changes), reason=reason, fix=fix.to_dict(),
+                  init_checkpoint=str(ckpt) if ckpt else None)
+    child.write_config(config)
+    return child
+
+
 def run_training(run: RunFolder, stop_event: threading.Event | None = None, resume: bool = False,
-                 echo: bool = False) -> dict:
+                 echo: bool = False, extra_callbacks: list | None = None) -> dict:
     """Train the run described by ``run/config.json``; returns the final status.
 
     Never raises for a failed run: the failure is recorded in status.json (and the traceback in
-    train.log), so the caller -- a UI thread or the CLI -- survives it.
+    train.log), so the caller -- a UI thread or the CLI -- survives it. An out-of-memory error
+    during training is retried (see `_recover_from_oom`) up to ``oom_retries`` times.
+    ``extra_callbacks``: more `TrainerCallback`s for the Trainer (tests inject faults with them).
     """
     stop_event = stop_event or threading.Event()
     log = _run_log(run, echo)
-    stored = run.config()
-    cfg_dict = {k: v for k, v in stored.items() if k in {f.name for f in fields(TrainConfig)}}
-    plan = None
+    recovered = 0
+    while True:
+        plan = cfg = None
+        try:
+            stored = run.config()
+            cfg_dict = {k: v for k, v in stored.items() if k in {f.name for f in fields(TrainConfig)}}
+            cfg = TrainConfig.from_dict(cfg_dict, source=str(run.path / "config.json"))
+            plan = device_plan(cfg)
+            run.set_status("running", phase="loading model", device=plan.device)
+            return _train(run, cfg, plan, stored, stop_event, resume, log, list(extra_callbacks or []))
+        except Exception as e:  # recorded, not raised: the app and other runs must survive it
+            oom = _is_oom(e)
+            msg = f"{type(e).__name__}: {e}"
+            kind = "oom" if oom else type(e).__name__
+            log(("OUT OF MEMORY: " if oom else "FAILED: ") + msg)
+            log(traceback.format_exc())
+            phase = run.status().get("phase")
+        _release_memory(plan.device if plan else None)  # outside the except block: the traceback is gone
+        can_retry = (oom and cfg is not None and phase == "training" and recovered < cfg.oom_retries
+                     and cfg.batch_size > 1 and not stop_event.is_set())
+        if not can_retry:
+            if oom and cfg is not None and cfg.batch_size == 1 and phase == "training":
+                log("out of memory with a micro-batch of 1: no automatic recovery left; see the fixes "
+                    "(`qlora-studio diagnose`)")
+            ckpt = run.last_checkpoint()
+            done = _last_logged_step(run)
+            return run.set_status("failed", error=msg, error_kind=kind, finished_at=time.time(), phase="failed",
+                                  step=done, error_step=done + 1 if phase == "training" else 0,
+                                  last_checkpoint=ckpt.name if ckpt else None)
+        recovered += 1
+        resume = _recover_from_oom(run, cfg, msg, log)["resumed_from"] is not None
+
+
+def _load_init_adapter(model, path: str, log) -> None:
+    """Start from an earlier run's LoRA weights (same rank and targets)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(path) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise TrainingError(f"init_adapter: {path} does not fit this model's LoRA layers "
+                            f"(e.g. {unexpected[0]}); start from scratch instead", "init_adapter")
+    log(f"starting from the adapter weights in {path} ({len(state)} tensors); "
+        "the optimizer and the learning-rate schedule start fresh because settings changed")
+
+
+def _adapter_is_finite(folder: Path) -> bool:
+    import torch
+    from safetensors.torch import load_file
+
     try:
-        cfg = TrainConfig.from_dict(cfg_dict, source=str(run.path / "config.json"))
-        plan = device_plan(cfg)
-        run.set_status("running", phase="loading model", device=plan.device)
-        return _train(run, cfg, plan, stored, stop_event, resume, log)
-    except Exception as e:  # recorded, not raised: the app and other runs must survive it
-        import torch
-
-        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-        msg = f"{type(e).__name__}: {e}"
-        log("FAILED: " + msg)
-        log(traceback.format_exc())
-        if plan is not None and plan.device == "cuda":
-            torch.cuda.empty_cache()
-        return run.set_status("failed", error=msg, error_kind="oom" if oom else type(e).__name__,
-                              finished_at=time.time(), phase="failed")
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+    except Exception:
+        return False
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
-def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, stop_event, resume: bool, log) -> dict:
+def good_checkpoints(run: RunFolder, at_or_before: int | None = None) -> list[Path]:
+    """Checkpoints of a run (oldest first) at or before a step, whose adapter weights are all finite."""
+    if not run.checkpoints.is_dir():
+        return []
+    found = []
+    for p in run.checkpoints.iterdir():
+        if p.is_dir() and p.name.startswith("checkpoint-") and p.name.rsplit("-", 1)[-1].isdigit():
+            step = int(p.name.rsplit("-", 1)[-1])
+            if (at_or_before is None or step <= at_or_before) and _adapter_is_finite(p):
+                found.append((step, p))
+    return [p for _, p in sorted(found)]
+
+
+def _roll_back_nonfinite(run: RunFolder, finding, log) -> Path | None:
+    """After a NaN/inf: checkpoints saved after the last good step are set aside (renamed
+    ``nonfinite-checkpoint-N``, so resume never picks them), and the last good checkpoint's adapter
+    becomes the run's adapter. Returns that checkpoint (None: no good one, the fix starts over)."""
+    import shutil
+
+    good_step = finding.details.get("last_good_step", 0)
+    if run.checkpoints.is_dir():
+        for p in list(run.checkpoints.iterdir()):
+            if p.name.startswith("checkpoint-") and p.name.rsplit("-", 1)[-1].isdigit() and int(p.name.rsplit("-", 1)[-1]) > good_step:
+                p.rename(p.with_name("nonfinite-" + p.name))
+                log(f"set aside {p.name}: saved after the last good step {good_step}")
+    good = good_checkpoints(run, good_step)
+    if run.adapter.exists():
+        shutil.rmtree(run.adapter)
+    if not good:
+        log("no checkpoint from before the non-finite values: a fix starts from scratch")
+        return None
+    run.adapter.mkdir(parents=True)
+    for f in good[-1].iterdir():
+        if f.is_file() and (f.name.startswith("adapter_") or f.name.startswith("tokenizer") or f.name in (
+                "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")):
+            shutil.copy2(f, run.adapter / f.name)
+    log(f"rolled back: the run's adapter is now {good[-1].name}, the last good checkpoint")
+    return good[-1]
+
+
+def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, stop_event, resume: bool, log,
+           extra_callbacks: list) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
 
     from .data import prepare_dataset
+    from .diagnose import Diagnoser, data_findings
     from .models import resolve_model
 
     set_seed(cfg.seed)
@@ -460,6 +707,8 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
     for issue in rep.errors[:20]:
         log("  skipped " + issue.format(rep.path))
     atomic_write_json(run.path / "data_report.json", rep.to_dict())
+    for finding in data_findings(rep.to_dict(), stored):
+        _log_finding(log, finding)
 
     model = load_base_model(source.path, cfg.quant, plan.compute_dtype, plan.device, cfg.double_quant, cfg.trust_remote_code)
     keep_4bit_weights_trainable(model)
@@ -473,12 +722,14 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
     peft_config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=lora["targets"],
                              lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, peft_config)
+    if cfg.init_adapter and not resume:
+        _load_init_adapter(model, cfg.init_adapter, log)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"LoRA r={lora['rank']} alpha={lora['alpha']} on {lora['targets']} ({lora['why'] or 'as configured'}); "
         f"trainable {trainable:,} of {n_params:,} parameters ({100 * trainable / n_params:.2f}%)")
 
     steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * cfg.grad_accum))
-    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    total_steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(steps_per_epoch * cfg.epochs))
     eval_steps = cfg.eval_steps or max(1, total_steps // 5)
     save_steps = cfg.save_steps or eval_steps
     resolved = dict(stored)
@@ -506,6 +757,10 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
         save_strategy="steps",
         save_steps=save_steps,
         save_total_limit=2,
+        # The checkpoint with the lowest eval loss survives rotation: "stop at the best checkpoint"
+        # (the overfitting fix) needs it. Nothing is reloaded at the end.
+        metric_for_best_model="eval_loss" if data.eval is not None else None,
+        greater_is_better=False if data.eval is not None else None,
         optim=plan.optimizer,
         bf16=plan.compute_dtype == "bfloat16",
         fp16=plan.compute_dtype == "float16",
@@ -517,10 +772,11 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
-    callback = _make_callback_class()(run, stop_event, plan.device, log)
+    diagnoser = Diagnoser(resolved)
+    callback = _make_callback_class()(run, stop_event, plan.device, log, diagnoser)
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      processing_class=tokenizer, callbacks=[callback])
+                      processing_class=tokenizer, callbacks=[callback, *extra_callbacks])
     trainer.remove_callback(PrinterCallback)  # our callback logs; the printer would echo raw dicts
     resume_from = None
     if resume:
@@ -531,10 +787,26 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
         _truncate_metrics_after(run, step)
         resume_from = str(ckpt)
         log(f"resuming from {ckpt.name}")
+        diagnoser.add_all(run.metrics())  # the detectors see the history they continue (findings already logged)
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run.set_status("running", phase="training", total_steps=total_steps)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    if total_steps > 0:
+        result_metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
+    else:  # a run that starts from an adapter with nothing left to train: evaluate and keep it
+        log("no steps left to train: evaluating the starting adapter and keeping it")
+        result_metrics = {}
+        trainer.state.global_step = 0
+
+    if callback.nonfinite is not None:
+        good = _roll_back_nonfinite(run, callback.nonfinite, log)
+        f = callback.nonfinite
+        run.write_summary({"global_step": trainer.state.global_step, "total_steps": total_steps, "device": plan.device,
+                           "peak_memory": _peak_memory_mb(plan.device), "nonfinite_step": f.step,
+                           "last_good_checkpoint": good.name if good else None})
+        return run.set_status("failed", error=f"non-finite values at step {f.step}: {f.message}", error_kind="nonfinite",
+                              finished_at=time.time(), phase="failed", step=trainer.state.global_step,
+                              last_checkpoint=good.name if good else None)
 
     model.save_pretrained(str(run.adapter))
     tokenizer.save_pretrained(str(run.adapter))
@@ -548,15 +820,15 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
             final_eval = {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
     records, _ = read_metrics_from(run.metrics_path)
     train_losses = [r["loss"] for r in records if r.get("type") == "train"]
-    metrics = result.metrics
     tokens = trainer.state.num_input_tokens_seen
+    runtime = result_metrics.get("train_runtime")
     summary = {
-        "train_runtime_s": metrics.get("train_runtime"),
+        "train_runtime_s": runtime,
         "global_step": trainer.state.global_step,
         "total_steps": total_steps,
         "epoch": trainer.state.epoch,
         "non_pad_tokens": tokens,
-        "tokens_per_s": tokens / metrics["train_runtime"] if metrics.get("train_runtime") else None,
+        "tokens_per_s": tokens / runtime if runtime else None,
         "final_loss": train_losses[-1] if train_losses else None,
         "first_loss": train_losses[0] if train_losses else None,
         "eval": final_eval,
@@ -564,6 +836,8 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
         "device": plan.device,
         "resumed": bool(resume_from),
     }
+    if plan.device == "cuda":
+        summary["gpu_total_mb"] = torch.cuda.get_device_properties(0).total_memory / 2**20
     summary["memory_estimate"] = _estimate_vs_measured(cfg, lora, source.path, plan, summary["peak_memory"], log)
     run.write_summary(summary)
     state = "stopped" if callback.stopped else "completed"
