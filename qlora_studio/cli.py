@@ -402,11 +402,106 @@ def _add_plan_verbs(sub) -> None:
     p.set_defaults(func=cmd_recommend)
 
 
+# ---- troubleshooting: diagnose, fix
+
+
+def _diagnose_target(target: str):
+    """A run folder, a metrics.jsonl file, or a run name."""
+    from pathlib import Path
+
+    from .runs import RunError, resolve_run
+
+    p = Path(target).expanduser()
+    if p.exists():
+        return p
+    try:
+        return resolve_run(target)
+    except RunError as e:
+        raise UserError(f"{target}: no such run folder, metrics file or run name") from e
+
+
+def _print_findings(findings) -> None:
+    if not findings:
+        print("no findings: nothing looks wrong")
+        return
+    for f in findings:
+        print(f"[{f.severity}] {f.kind} at step {f.step}: {f.message}")
+        for i, fix in enumerate(f.fixes, 1):
+            what = f" {json.dumps(fix.changes)}" if fix.changes else " (advice)"
+            print(f"    fix {i}: {fix.title}{what}")
+
+
+def cmd_diagnose(args) -> int:
+    """Findings of a run (or a metrics.jsonl), each with fixes in the order to try them."""
+    from .diagnose import diagnose_run
+
+    findings = diagnose_run(_diagnose_target(args.run))
+    if args.json:
+        print(json.dumps({"findings": [f.to_dict() for f in findings]}, indent=2))
+    else:
+        _print_findings(findings)
+    return 0
+
+
+def _pick_finding(findings, kind: str | None):
+    """The finding to act on: of the given kind if asked, else the most severe with a fix to apply."""
+    from .diagnose import SEVERITIES
+
+    candidates = [f for f in findings if any(x.actionable for x in f.fixes) and (kind is None or f.kind == kind)]
+    if not candidates:
+        what = f" of kind {kind}" if kind else ""
+        raise UserError(f"no finding{what} with a fix to apply" + ("" if findings else ": nothing looks wrong"))
+    return max(candidates, key=lambda f: SEVERITIES.index(f.severity))  # max keeps the earliest of a severity
+
+
+def cmd_fix(args) -> int:
+    """Apply a finding's fix: a new run with the changed settings, from the last good checkpoint."""
+    from .diagnose import diagnose_run
+    from .manager import RunBusy, get_manager
+    from .runs import RunError
+    from .training import TrainingError
+
+    folder = _diagnose_target(args.run)
+    if folder.is_file():
+        folder = folder.parent
+    finding = _pick_finding(diagnose_run(folder), args.kind)
+    if not 1 <= args.index <= len(finding.fixes):
+        raise UserError(f"--index {args.index}: the {finding.kind} finding has fixes 1 to {len(finding.fixes)}")
+    fix = finding.fixes[args.index - 1]
+    if not fix.actionable:
+        usable = [str(i) for i, f in enumerate(finding.fixes, 1) if f.actionable]
+        raise UserError(f"fix {args.index} ({fix.title}) is advice, not a setting; fixes to apply: {', '.join(usable)}")
+    print(f"{finding.kind} at step {finding.step}: {finding.message}")
+    print(f"applying fix {args.index}: {fix.title} {json.dumps(fix.changes)}", flush=True)
+    manager = get_manager()
+    try:
+        run = manager.apply_fix(folder, fix, reason=finding.message, echo=True)
+    except (RunBusy, RunError, TrainingError) as e:
+        raise UserError(str(e)) from e
+    print(f"run folder: {run.path}", flush=True)
+    return _finish_run(run, _wait_for(manager, run))
+
+
+def _add_diagnose_verbs(sub) -> None:
+    p = sub.add_parser("diagnose", help="findings of a run (or metrics.jsonl), each with fixes")
+    p.add_argument("run", metavar="RUN_OR_METRICS_JSONL", help="run name, run folder, or a metrics.jsonl file")
+    p.add_argument("--json", action="store_true", help='print {"findings": [...]}')
+    p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("fix", help="apply a finding's fix as a new run and train it (prints the run folder last)")
+    p.add_argument("run", help="run name or folder")
+    p.add_argument("--index", type=int, default=1, help="which fix of the finding, 1 = the first to try (default)")
+    p.add_argument("--kind", choices=["oom", "nonfinite", "spike", "plateau", "overfitting", "underused", "data"],
+                   help="act on the finding of this kind (default: the most severe one with a fix)")
+    p.set_defaults(func=cmd_fix)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlora-studio", description="Fine-tune an open LLM with QLoRA, on one GPU or the CPU.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_run_verbs(sub)
     _add_plan_verbs(sub)
+    _add_diagnose_verbs(sub)
     return p
 
 
