@@ -293,8 +293,8 @@ def test_diagnose_cli_contract(tmp_path):
 
 
 def test_healthy_tiny_runs_raise_no_alarm(studio_home, tiny_learner, clean_data):
-    run, status = _train(model=str(tiny_learner), data=str(clean_data), max_steps=40, batch_size=4,
-                         learning_rate=3e-3, max_seq_len=128, eval_fraction=0.1, eval_steps=8, quant="none")
+    run, status = _train(model=str(tiny_learner), data=str(clean_data), max_steps=30, batch_size=4,
+                         learning_rate=3e-3, max_seq_len=128, eval_fraction=0.1, eval_steps=6, quant="none")
     assert status["state"] == "completed", status.get("error")
     losses = [r["loss"] for r in _train_records(run)]
     assert losses[-1] < 0.5 * losses[0]
@@ -363,7 +363,7 @@ def test_nan_stops_the_run_rolls_back_and_the_fix_completes(studio_home, tiny_ll
 
 def test_spike_from_an_adversarial_batch(studio_home, tiny_learner, clean_data, tmp_path):
     data = _adversarial_data(clean_data, tmp_path / "adversarial.jsonl")
-    run, status = _train(model=str(tiny_learner), data=str(data), max_steps=40, batch_size=4, learning_rate=3e-3,
+    run, status = _train(model=str(tiny_learner), data=str(data), max_steps=30, batch_size=4, learning_rate=3e-3,
                          max_seq_len=128, quant="none")
     assert status["state"] == "completed", status.get("error")
     spikes = [f for f in diagnose_run(run.path) if f.kind == "spike"]
@@ -409,14 +409,14 @@ def test_plateau_from_a_near_zero_learning_rate_and_the_fix_verb(studio_home, ti
 
 
 def test_healthy_embedded_run_raises_no_alarm(studio_home, tmp_path):
-    """SmolLM2-135M (4-bit NF4) on 80 rows of the SQL sample task: a real, healthy fine-tune."""
+    """SmolLM2-135M (4-bit NF4) on 60 rows of the SQL sample task: a real, healthy fine-tune."""
     from qlora_studio.presets import PROJECT_DIR
 
-    rows = (PROJECT_DIR / "assets" / "sql" / "train.jsonl").read_text().splitlines()[:80]
-    data = tmp_path / "sql80.jsonl"
+    rows = (PROJECT_DIR / "assets" / "sql" / "train.jsonl").read_text().splitlines()[:60]
+    data = tmp_path / "sql60.jsonl"
     data.write_text("\n".join(rows) + "\n")
-    run, status = _train(model="embedded", data=str(data), max_steps=12, batch_size=4, learning_rate=1e-3,
-                         max_seq_len=256, eval_fraction=0.1, eval_steps=6, lora_dropout=0.0, task="sql")
+    run, status = _train(model="embedded", data=str(data), max_steps=10, batch_size=2, learning_rate=1e-3,
+                         max_seq_len=256, eval_fraction=0.05, eval_steps=5, lora_dropout=0.0, task="sql")
     assert status["state"] == "completed", status.get("error")
     losses = [r["loss"] for r in _train_records(run)]
     assert losses[-1] < 0.6 * losses[0]
