@@ -253,7 +253,7 @@ def _add_run_verbs(sub) -> None:
     t.add_argument("--quant", choices=["nf4", "fp4", "none"])
     t.add_argument("--learning-rate", type=float)
     t.add_argument("--eval-fraction", type=float)
-    t.add_argument("--output", help="run name (a folder under the studio's runs)")
+    t.add_argument("--output", metavar="NAME", help="the run folder's name under the studio's runs/ (letters, digits, . _ -)")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("data", help="inspect training data")

@@ -90,7 +90,7 @@ def import_gguf(gguf_path: str | os.PathLike, dest_root: Path | None = None) -> 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+            folder, gguf_file=name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
         )
     except Exception as e:  # unsupported architecture, truncated file, ...
         raise ModelError(f"{gguf_path}: could not read this GGUF file ({type(e).__name__}: {e})") from e
@@ -98,9 +98,14 @@ def import_gguf(gguf_path: str | os.PathLike, dest_root: Path | None = None) -> 
     config_dict = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    state = {k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Built on the meta device and given the loaded tensors themselves (assign=True): one copy of the
+    # weights in memory, not two -- a 7B GGUF dequantizes to ~15 GB of bf16.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    state = loaded.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise ModelError(f"{gguf_path}: converted weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")

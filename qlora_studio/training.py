@@ -814,9 +814,9 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
     if data.eval is not None:
         records, _ = read_metrics_from(run.metrics_path)
         evals = [r for r in records if r.get("type") == "eval"]
-        if not evals or evals[-1]["step"] != trainer.state.global_step:
-            final_eval = trainer.evaluate()
-        else:
+        if (not evals or evals[-1]["step"] != trainer.state.global_step) and not callback.stopped:
+            final_eval = trainer.evaluate()  # a stopped run reports its last evaluation instead: stopping stays quick
+        elif evals:
             final_eval = {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
     records, _ = read_metrics_from(run.metrics_path)
     train_losses = [r["loss"] for r in records if r.get("type") == "train"]
