@@ -9,7 +9,7 @@ new run starts from (see `Fix.from_step`), or, with no changes, a piece of advic
 Kinds and what triggers them (the thresholds and why are in each detector's docstring):
 
 - ``nonfinite``   a NaN/inf loss or grad norm, or a loss of exactly 0.0, in the raw per-step values
-- ``spike``       a loss far above the recent window (robust z-score: median and MAD)
+- ``spike``       a loss far above the recent level (robust z-score: median level, MAD of step-to-step noise)
 - ``plateau``     the loss not moving while the learning rate is in its main stage
 - ``overfitting`` eval loss rising over two evaluations while train loss falls
 - ``oom``         the run ran out of memory (from status.json), or recovered from it by itself
@@ -424,7 +424,7 @@ class Diagnoser:
         return Finding("spike", "warning", step,
                        f"At step {step} the loss jumped to {_fmt(row['loss'])}, against {_fmt(med)} typical for the "
                        f"last few steps ({z:.1f} times the usual step-to-step spread).",
-                       fixes, {"loss": row["loss"], "median": med, "z": round(z, 2), "window": len(window)})
+                       fixes, {"loss": row["loss"], "level": med, "z": round(z, 2), "window": len(window)})
 
     def _check_plateau(self) -> Finding | None:
         """The loss trend too flat for the schedule's stage.
