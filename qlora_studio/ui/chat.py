@@ -12,7 +12,7 @@ from ..chat import ChatError, merge_run, stream_reply
 from ..data import load_examples
 from ..home import runs_dir
 from ..manager import get_manager
-from .common import chat_models, esc, notice, read_json, run_folder, safe
+from .common import chat_models, notice, read_json, run_folder, safe
 
 
 def chat_runs() -> list[str]:

@@ -15,7 +15,7 @@ import gradio as gr
 import yaml
 
 from ..manager import RunBusy, get_manager
-from ..presets import PROJECT_DIR, list_presets
+from ..presets import list_presets
 from ..runs import RunFolder, check_run_name
 from ..training import TrainConfig
 from .common import (MODEL_CHOICES, display_path, esc, fmt_duration, fmt_num, latest_run_path, notice, read_json,
