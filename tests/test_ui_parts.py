@@ -104,10 +104,16 @@ def test_run_view_reads_only_what_was_appended(tmp_path):
         f.write("}\n")
     assert view.refresh() is True and view.last_eval["eval_loss"] == 0.5 and len(view.eval_loss) == 1
     assert view.seconds_per_step() == pytest.approx(1.0)
-    loss_fig, dyn_fig = view.figures({})
-    assert list(loss_fig.data[0].x) == [1, 2, 3, 4, 5] and loss_fig.data[1].name == "eval loss"
-    assert view.figures({})[0] is loss_fig  # built once per change, shared by every page
-    assert dyn_fig.layout.annotations[3].text.startswith("process memory")
+    loss_json, dyn_json = view.figures({})
+    loss_fig, dyn_fig = json.loads(loss_json), json.loads(dyn_json)
+    assert loss_fig["data"][0]["x"] == [1, 2, 3, 4, 5] and loss_fig["data"][1]["name"] == "eval loss"
+    assert loss_fig["data"][1]["y"] == [0.5]
+    assert view.figures({})[0] is loss_json  # built once per change, shared by every page
+    assert dyn_fig["layout"]["annotations"][3]["text"].startswith("process memory")
+    assert dyn_fig["data"][2]["y"] == [100.0] * 5
+    _append(run / "metrics.jsonl", [{"type": "train", "step": 6, "time": 1006.0, "loss": float("nan")}])
+    view.refresh()
+    assert json.loads(view.figures({})[0])["data"][0]["y"][-1] is None  # NaN: a gap, and valid JSON
 
 
 def test_run_view_starts_over_when_a_resume_rewrites_the_metrics(tmp_path):

@@ -114,6 +114,14 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, share: bool = Fals
     """Build and serve the app until Ctrl-C; a run still training is stopped cleanly (checkpoint saved)."""
     from ..manager import get_manager
 
+    import signal
+    import threading
+
+    def _terminate(signum, frame):  # `kill` ends the app the way Ctrl-C does: the run is saved first
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     demo = build_app()
     print(f"QLoRA Studio: http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}  (Ctrl-C stops it)",
           flush=True)

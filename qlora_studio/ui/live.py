@@ -5,10 +5,14 @@ a poll reads only the bytes appended to metrics.jsonl since the last poll (`read
 them to bounded series, and rebuilds the figures only when something new arrived. A series keeps at
 most `Series.cap` points for drawing (when full, every other point goes and the stride doubles; the
 newest point is always drawn), so neither a poll nor a redraw grows with the length of the run.
+Figures are plotly JSON: the layout of each kind of figure is built with plotly once and cached; a
+redraw only fills in the points, which keeps the training thread's share of the CPU (and the GIL).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import threading
 import time
@@ -35,6 +39,8 @@ class Series:
     def add(self, x, y) -> None:
         if y is None or isinstance(y, bool) or not isinstance(y, (int, float)):
             return
+        if not math.isfinite(y):
+            y = None  # NaN / inf: a gap in the curve (the findings panel is where it gets explained)
         self.last = (x, y)
         if self.n % self.stride == 0:
             self.xs.append(x)
@@ -168,8 +174,8 @@ class RunView:
             self.estimate_mb = None
         return self.estimate_mb
 
-    def figures(self, config: dict | None = None):
-        """(loss figure, dynamics figure), rebuilt only when new records arrived."""
+    def figures(self, config: dict | None = None) -> tuple[str, str]:
+        """(loss figure, dynamics figure) as plotly JSON, rebuilt only when new records arrived."""
         with self.lock:
             est = self._memory_estimate_mb(config or {})
             key = (self.version, est)
@@ -226,42 +232,68 @@ def empty_figure(title: str, message: str, height: int = 320):
     return fig
 
 
-def loss_figure(view: RunView):
+_skeletons: dict[tuple, dict] = {}
+_skeleton_lock = threading.Lock()
+
+
+def _skeleton(key: tuple, build) -> dict:
+    """The plotly JSON of a figure with empty traces, built once per kind of figure."""
+    with _skeleton_lock:
+        if key not in _skeletons:
+            _skeletons[key] = json.loads(build().to_json())
+        return _skeletons[key]
+
+
+def _fill(skeleton: dict, series: list[Series]) -> str:
+    data = []
+    for trace, s in zip(skeleton["data"], series):
+        xs, ys = s.points()
+        data.append(dict(trace, x=xs, y=ys))
+    return json.dumps({"data": data, "layout": skeleton["layout"]}, separators=(",", ":"))
+
+
+def loss_figure(view: RunView) -> str:
     import plotly.graph_objects as go
 
     if not len(view.loss) and not len(view.eval_loss):
-        return empty_figure("Loss", "waiting for the first logged step …")
-    fig = go.Figure()
-    xs, ys = view.loss.points()
-    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers" if len(xs) < 60 else "lines", name="train loss",
-                             line=dict(color="#4f46e5", width=2), marker=dict(size=5)))
-    if len(view.eval_loss):
-        xs, ys = view.eval_loss.points()
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name="eval loss",
-                                 line=dict(color="#f97316", width=2, dash="dot"), marker=dict(size=8)))
-    fig.update_layout(title="Loss", height=340, xaxis_title="step", **_LAYOUT)
-    return fig
+        return empty_figure("Loss", "waiting for the first logged step …").to_json()
+    has_eval = bool(len(view.eval_loss))
+    mode = "lines+markers" if len(view.loss) < 60 else "lines"
+
+    def build():
+        fig = go.Figure()
+        fig.add_trace(go.Scatter(x=[], y=[], mode=mode, name="train loss", line=dict(color="#4f46e5", width=2),
+                                 marker=dict(size=5)))
+        if has_eval:
+            fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="eval loss",
+                                     line=dict(color="#f97316", width=2, dash="dot"), marker=dict(size=8)))
+        fig.update_layout(title="Loss", height=340, xaxis_title="step", **_LAYOUT)
+        return fig
+
+    return _fill(_skeleton(("loss", has_eval, mode), build), [view.loss, view.eval_loss])
 
 
-def dynamics_figure(view: RunView, estimate_mb: float | None = None):
+def dynamics_figure(view: RunView, estimate_mb: float | None = None) -> str:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.1, vertical_spacing=0.2,
-                        subplot_titles=("learning rate", "gradient norm", "tokens / s (non-pad)", view.memory_label))
-    colors = ("#0ea5e9", "#10b981", "#8b5cf6", "#ef4444")
-    for (row, col), series, color, name in zip(((1, 1), (1, 2), (2, 1), (2, 2)),
-                                               (view.lr, view.grad_norm, view.tokens_per_s, view.memory),
-                                               colors, ("lr", "grad norm", "tokens/s", "memory")):
-        xs, ys = series.points()
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, line=dict(color=color, width=2),
-                                 showlegend=False), row=row, col=col)
-    if estimate_mb:
-        fig.add_hline(y=estimate_mb, line=dict(color="#6b7280", dash="dash"), row=2, col=2,
-                      annotation_text=f"estimated {estimate_mb / 1024:.1f} GiB", annotation_position="bottom right")
-    fig.update_layout(height=420, **{**_LAYOUT, "margin": dict(l=56, r=16, t=40, b=36)})
-    fig.update_xaxes(title_text="step", row=2)
-    return fig
+    def build():
+        fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.1, vertical_spacing=0.2,
+                            subplot_titles=("learning rate", "gradient norm", "tokens / s (non-pad)", view.memory_label))
+        for (row, col), color, name in zip(((1, 1), (1, 2), (2, 1), (2, 2)),
+                                           ("#0ea5e9", "#10b981", "#8b5cf6", "#ef4444"),
+                                           ("lr", "grad norm", "tokens/s", "memory")):
+            fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name=name, line=dict(color=color, width=2),
+                                     showlegend=False), row=row, col=col)
+        if estimate_mb:
+            fig.add_hline(y=estimate_mb, line=dict(color="#6b7280", dash="dash"), row=2, col=2,
+                          annotation_text=f"estimated {estimate_mb / 1024:.1f} GiB", annotation_position="bottom right")
+        fig.update_layout(height=420, **{**_LAYOUT, "margin": dict(l=56, r=16, t=40, b=36)})
+        fig.update_xaxes(title_text="step", row=2)
+        return fig
+
+    return _fill(_skeleton(("dynamics", view.memory_label, estimate_mb), build),
+                 [view.lr, view.grad_norm, view.tokens_per_s, view.memory])
 
 
 def run_status(path: Path, live_pids: set[int]) -> dict:

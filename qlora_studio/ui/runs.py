@@ -103,9 +103,9 @@ def resume(selected):
     try:
         get_manager().resume(folder.path)
     except RunBusy as e:
-        return notice(str(e), "warn"), gr.skip(), gr.skip()
-    return (notice(f"Resuming {name} from its last checkpoint: watch it on the Train tab.", "ok"),
-            str(folder.path), gr.Tabs(selected="train"))
+        return notice(str(e), "warn"), gr.skip(), gr.skip(), gr.skip()
+    msg = notice(f"Resuming {name} from its last checkpoint.", "ok")
+    return msg, str(folder.path), gr.Tabs(selected="train"), msg
 
 
 def ask_delete(selected):
@@ -163,8 +163,8 @@ def wire(ctx) -> None:
     ctx.rn_refresh.click(refresh_safe, ctx.rn_select, [ctx.rn_table, ctx.rn_select])
     ctx.rn_select.change(safe(lambda msg: (empty_figure("Compare runs", msg), gr.skip()))(overlay), ctx.rn_select,
                          [ctx.rn_plot, ctx.rn_diff], trigger_mode="always_last")
-    ctx.rn_resume.click(safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip()))(resume), ctx.rn_select,
-                        [ctx.rn_notice, ctx.tr_watched, ctx.tabs])
+    ctx.rn_resume.click(safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip(), gr.skip()))(resume), ctx.rn_select,
+                        [ctx.rn_notice, ctx.tr_watched, ctx.tabs, ctx.tr_notice])
     ctx.rn_delete.click(safe(lambda msg: (gr.Row(visible=False), gr.skip(), notice(msg, "error")))(ask_delete),
                         ctx.rn_select, [ctx.rn_confirm_row, ctx.rn_confirm_text, ctx.rn_notice])
     ctx.rn_cancel.click(lambda: gr.Row(visible=False), None, ctx.rn_confirm_row, queue=False)

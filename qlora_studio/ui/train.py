@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 import yaml
+from gradio.components.plot import PlotData  # a figure already in plotly JSON (see live.py)
 
 from ..manager import RunBusy, get_manager
 from ..presets import list_presets
@@ -265,7 +266,8 @@ def poll(watched, seen):
     loss_fig = dyn_fig = gr.skip()
     fig_key = [view.version, view.estimate_mb, bool(config.get("lora"))]
     if seen.get("fig") != fig_key:
-        loss_fig, dyn_fig = view.figures(config)
+        loss_json, dyn_json = view.figures(config)
+        loss_fig, dyn_fig = PlotData(type="plotly", plot=loss_json), PlotData(type="plotly", plot=dyn_json)
         seen["fig"] = [view.version, view.estimate_mb, bool(config.get("lora"))]
 
     log = gr.skip()
