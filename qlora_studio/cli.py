@@ -495,6 +495,71 @@ def _add_diagnose_verbs(sub) -> None:
                    help="act on the finding of this kind (default: the most severe one with a fix)")
     p.set_defaults(func=cmd_fix)
 
+# ---- serve: the browser app
+
+AUTH_ENV = "QLORA_STUDIO_AUTH"
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_auth(host: str, share: bool, auth: str | None) -> tuple[str, str] | None:
+    """The (user, password) to require, or None; refuses to expose the app without one.
+
+    Anyone who can open the page can train on this machine's GPU, read the files it shows and delete
+    runs, so the app listens on loopback only unless a password protects it.
+    """
+    pair = None
+    if auth:
+        user, sep, password = auth.partition(":")
+        if not sep or not user or not password:
+            raise UserError(f"--auth / {AUTH_ENV} must be user:password (both non-empty)")
+        pair = (user, password)
+    exposed = []
+    if not _is_loopback(host):
+        exposed.append(f"--host {host} makes the app reachable from other machines")
+    if share:
+        exposed.append("--share publishes the app on a public gradio.live link")
+    if exposed and pair is None:
+        raise UserError(
+            "refusing to start: " + " and ".join(exposed) + ", and anyone who reaches it could train on this "
+            f"machine, read its data and delete runs. Set a login with --auth user:password (or the {AUTH_ENV} "
+            "environment variable, which keeps the password out of the process list), or leave --host at 127.0.0.1.")
+    return pair
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    auth = serve_auth(args.host, args.share, args.auth or os.environ.get(AUTH_ENV))
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be 1-65535, got {args.port}")
+    from .ui.app import serve
+
+    try:
+        serve(host=args.host, port=args.port, share=args.share, auth=auth)
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({e}); is another app using the port? Try --port") from e
+    return 0
+
+
+def _add_serve_verbs(sub) -> None:
+    s = sub.add_parser("serve", help="start the browser app (http://127.0.0.1:7860)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--share", action="store_true", help="also publish a public gradio.live link (needs --auth)")
+    s.add_argument("--auth", metavar="USER:PASSWORD",
+                   help=f"require this login (or set {AUTH_ENV}); needed for a non-loopback --host or --share")
+    s.set_defaults(func=cmd_serve)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlora-studio", description="Fine-tune an open LLM with QLoRA, on one GPU or the CPU.")
@@ -502,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_verbs(sub)
     _add_plan_verbs(sub)
     _add_diagnose_verbs(sub)
+    _add_serve_verbs(sub)
     return p
 
 

@@ -1,0 +1,268 @@
+"""The whole journey in a real browser: Playwright drives Debian's Chromium (headless) against the real
+app server (`qlora-studio serve` in a subprocess, on a free loopback port, with a private studio home).
+
+Page loads -> hardware tab shows the CPU notice and the memory chart -> the sample data previews ->
+a short run on the embedded model starts, its loss plot gains points, a second Start is refused,
+Stop stops it -> a fresh page load still shows it (stopped) -> the chat tab answers from the merged
+model. A screenshot of each tab goes to artifacts/screenshots/.
+
+The tests run in file order and share one server and one browser (each step builds on the last).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SHOTS = ROOT / "artifacts" / "screenshots"
+RUN_NAME = "ui-journey"
+# A run long enough to still be going when we stop it; small enough to step in about a second on a CPU.
+RUN_SETTINGS = {"#f-max-steps": "400", "#f-batch": "2", "#f-seq": "128", "#f-eval": "0"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(session_home, embedded_path, tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"the browser tests need Debian's Chromium at {CHROMIUM} (scripts/test.sh installs it)")
+    pytest.importorskip("playwright.sync_api")
+    home = tmp_path_factory.mktemp("ui-home")
+    (home / "models").mkdir()
+    for p in (session_home / "models").iterdir():  # share the converted embedded model
+        if not p.name.startswith("."):
+            (home / "models" / p.name).symlink_to(p)
+    port = _free_port()
+    env = dict(os.environ, QLORA_STUDIO_HOME=str(home), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    log = open(tmp_path_factory.mktemp("ui-log") / "server.log", "w")
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_studio.cli", "serve", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.flush()
+            pytest.fail("the app did not start:\n" + Path(log.name).read_text()[-3000:])
+        time.sleep(0.25)
+    srv = SimpleNamespace(url=url, home=home, proc=proc, log=Path(log.name), serving_s=time.monotonic() - t0)
+    yield srv
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+    text = srv.log.read_text()
+    assert "Traceback" not in text, text[-4000:]
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    p = browser.new_page(viewport={"width": 1280, "height": 900})
+    p.set_default_timeout(60_000)
+    t0 = time.monotonic()
+    p.goto(server.url)
+    p.wait_for_selector("#machine-info .qs-notice, #machine-info table")
+    server.first_page_s = time.monotonic() - t0
+    yield p
+    p.close()
+
+
+def open_tab(page, tab_id: str) -> None:
+    page.click(f"#tab-{tab_id}-button")
+    page.wait_for_selector(f"#tab-{tab_id}", state="visible")
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def plot_points(page, elem_id: str, trace: int = 0) -> int:
+    return page.evaluate(
+        """([id, i]) => { const el = document.querySelector('#' + id + ' .js-plotly-plot');
+                         return el && el.data && el.data[i] && el.data[i].x ? el.data[i].x.length : 0; }""",
+        [elem_id, trace])
+
+
+def wait_for(fn, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def fill_number(page, selector: str, value: str) -> None:
+    box = page.locator(f"{selector} input").first
+    box.fill(value)
+    box.press("Tab")
+
+
+def test_page_loads_with_the_cpu_notice_and_memory_chart(page, server):
+    from qlora_studio.hardware import probe_gpus
+
+    assert page.title() == "QLoRA Studio"
+    assert page.locator(".qs-header h1").inner_text() == "QLoRA Studio"
+    for tab in ("Hardware & plan", "Data", "Train", "Chat", "Runs", "Help"):
+        assert page.get_by_role("tab", name=tab, exact=True).is_visible()
+    machine = page.locator("#machine-info").inner_text()
+    if not probe_gpus()[0]:
+        assert "No NVIDIA GPU found" in machine and "CPU" in machine
+    page.wait_for_selector("#memory-chart .js-plotly-plot")
+    assert plot_points(page, "memory-chart") == 1  # one stacked bar ...
+    n_items = page.evaluate("() => document.querySelector('#memory-chart .js-plotly-plot').data.length")
+    assert n_items == 7  # ... of seven items
+    title = lambda: page.locator("#memory-chart .gtitle").text_content()  # noqa: E731
+    before = title()
+    fill_number(page, "#whatif-batch", "16")  # the chart follows the controls
+    wait_for(lambda: title() != before, 30, "the memory chart to follow the batch size")
+    assert "Estimated peak" in title()
+    assert page.locator("#memory-verdict .qs-notice").count() == 1
+    shot(page, "hardware")
+
+
+def test_sample_data_previews(page):
+    open_tab(page, "data")
+    summary = page.locator("#data-summary")
+    summary.wait_for(timeout=120_000)
+    text = summary.inner_text()
+    assert "format chat" in text and "297 usable of 297 rows" in text
+    assert page.locator("#data-preview [role=row]").count() >= 10  # a header and (virtualized) rows
+    page.wait_for_selector("#length-hist .js-plotly-plot")
+    assert plot_points(page, "length-hist") == 297
+    assert page.locator("#example-tokens .qs-tok-train").count() > 0  # trained tokens ...
+    assert page.locator("#example-tokens .qs-tok-mask").count() > 0  # ... told apart from masked ones
+    shot(page, "data")
+
+
+def test_training_runs_live_refuses_a_second_start_and_stops(page):
+    open_tab(page, "train")
+    assert page.locator("#preset input").first.input_value() == "cpu-demo"
+    page.click("#advanced button.label-wrap, #advanced > button")
+    page.wait_for_selector("#f-max-steps input", state="visible")
+    for sel, value in RUN_SETTINGS.items():
+        fill_number(page, sel, value)
+    page.locator("#f-quant label", has_text="none").click()  # 16-bit: a CPU trains this far faster than 4-bit
+    page.locator("#run-name-input textarea, #run-name-input input").first.fill(RUN_NAME)
+    wait_for(lambda: "max_steps: 400" in page.locator("#resolved").inner_text(), 30, "the resolved settings")
+    page.click("#start")
+    wait_for(lambda: "Started" in page.locator("#train-notice").inner_text(), 60, "the run to start")
+    wait_for(lambda: page.locator("#run-name").count() and page.locator("#run-name").inner_text() == RUN_NAME,
+             30, "the live view to show the run")
+    first = wait_for(lambda: plot_points(page, "loss-plot"), 240, "the first point on the loss plot")
+    wait_for(lambda: plot_points(page, "loss-plot") > first, 120, "the loss plot to gain points")
+    assert page.locator("#run-state").inner_text() == "running"
+    page.click("#start")  # one run at a time
+    wait_for(lambda: "already training" in page.locator("#train-notice").inner_text(), 30, "a polite refusal")
+    assert RUN_NAME in page.locator("#train-notice").inner_text()
+    shot(page, "train-running")
+    page.click("#stop")
+    wait_for(lambda: "Stopping" in page.locator("#train-notice").inner_text(), 30, "the stop request")
+    wait_for(lambda: page.locator("#run-state").inner_text() == "stopped", 180, "the run to stop")
+    assert plot_points(page, "loss-plot") >= 2
+    assert "stopped at step" in page.locator("#run-log textarea").input_value()
+    page.locator("#advanced button.label-wrap, #advanced > button").first.click()  # fold it for the screenshot
+    shot(page, "train")
+
+
+def test_a_fresh_page_still_shows_the_run(browser, server):
+    fresh = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        fresh.goto(server.url)
+        open_tab(fresh, "train")
+        wait_for(lambda: fresh.locator("#run-name").count() and fresh.locator("#run-name").inner_text() == RUN_NAME,
+                 30, "the run on a fresh page")
+        assert fresh.locator("#run-state").inner_text() == "stopped"
+        wait_for(lambda: plot_points(fresh, "loss-plot") >= 2, 30, "the loss curve on a fresh page")
+        open_tab(fresh, "runs")
+        row = fresh.locator("#runs-table [role=row]", has_text=RUN_NAME)
+        row.wait_for()
+        assert "stopped" in row.inner_text()
+        fresh.locator("#runs-select label", has_text=RUN_NAME).click()  # overlay + settings
+        fresh.wait_for_selector("#runs-compare .js-plotly-plot")
+        wait_for(lambda: plot_points(fresh, "runs-compare") >= 2, 30, "the run's curve in the comparison")
+        shot(fresh, "runs")
+    finally:
+        fresh.close()
+
+
+def test_chat_replies_from_the_merged_model(page, server):
+    open_tab(page, "chat")
+    wait_for(lambda: page.locator("#chat-run input").first.input_value() == RUN_NAME, 30, "the run in the chat tab")
+    page.click("#chat-settings button.label-wrap")
+    fill_number(page, "#chat-max", "24")
+    page.locator("#chat-prompt textarea").fill("Which products belong to Sports?")
+    page.click("#chat-send")
+    def reply(chat_id: str) -> str:
+        bots = page.locator(f"#{chat_id} [data-testid='bot']")
+        text = bots.last.inner_text().strip() if bots.count() else ""
+        return "" if "Loading content" in text else text
+
+    # The fine-tuned reply comes first (after the merge); the status says merged once it is done.
+    wait_for(lambda: "merged, ready" in page.locator("#merge-status").inner_text() and reply("chat-tuned"), 300,
+             "a reply from the fine-tuned model")
+    wait_for(lambda: reply("chat-base"), 120, "a reply from the base model")
+    assert (server.home / "runs" / RUN_NAME / "merged" / "studio_merged.json").is_file()
+    assert "merged" in page.locator("#merge-status").inner_text()
+    shot(page, "chat")
+
+
+def test_help_tab(page):
+    from qlora_studio.ui.findings import NOT_AVAILABLE, diagnosis_module
+
+    open_tab(page, "help")
+    guide = page.locator("#help-guide")
+    guide.wait_for()
+    if diagnosis_module() is None:
+        assert guide.inner_text().strip() == NOT_AVAILABLE
+    else:
+        assert NOT_AVAILABLE not in guide.inner_text()
+    shot(page, "help")
+
+
+def test_timings(server, page, record_property):
+    """Not a timed test: records how long the server took to serve and the first page to render."""
+    record_property("serving_s", round(server.serving_s, 2))
+    record_property("first_page_s", round(getattr(server, "first_page_s", float("nan")), 2))
+    print(f"\nserver answering after {server.serving_s:.1f} s; first page rendered in {server.first_page_s:.1f} s")

@@ -1,0 +1,322 @@
+"""The app's parts that need no browser: serve's refusals, the bounded live view, the findings panel
+with and without a diagnosis module, uploads, run names, presets. Fast (no model is loaded)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------ serve
+
+
+@pytest.mark.parametrize("host,share", [("0.0.0.0", False), ("192.168.1.20", False), ("127.0.0.1", True), ("::", False)])
+def test_serve_refuses_to_expose_the_app_without_a_login(host, share, capsys, monkeypatch):
+    from qlora_studio.cli import main
+
+    monkeypatch.delenv("QLORA_STUDIO_AUTH", raising=False)
+    argv = ["serve", "--host", host] + (["--share"] if share else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "refusing to start" in err and "--auth user:password" in err and "QLORA_STUDIO_AUTH" in err
+    assert ("--share" in err) if share else (f"--host {host}" in err)
+
+
+def test_serve_auth_rules(monkeypatch):
+    from qlora_studio.cli import UserError, serve_auth
+
+    assert serve_auth("127.0.0.1", False, None) is None
+    assert serve_auth("localhost", False, None) is None
+    assert serve_auth("::1", False, None) is None
+    assert serve_auth("0.0.0.0", False, "ann:s3cret:x") == ("ann", "s3cret:x")
+    assert serve_auth("0.0.0.0", True, "ann:pw") == ("ann", "pw")
+    for bad in ("nopassword", "ann:", ":pw"):
+        with pytest.raises(UserError, match="user:password"):
+            serve_auth("127.0.0.1", False, bad)
+
+
+def test_serve_takes_the_login_from_the_environment(monkeypatch):
+    import qlora_studio.cli as cli
+
+    seen = {}
+    fake = types.ModuleType("qlora_studio.ui.app")
+    fake.serve = lambda **kw: seen.update(kw)
+    monkeypatch.setitem(sys.modules, "qlora_studio.ui.app", fake)
+    monkeypatch.setenv("QLORA_STUDIO_AUTH", "ann:pw")
+    assert cli.main(["serve", "--host", "0.0.0.0", "--port", "7999"]) == 0
+    assert seen == {"host": "0.0.0.0", "port": 7999, "share": False, "auth": ("ann", "pw")}
+
+
+def test_gradio_is_imported_only_inside_the_ui_package():
+    ui = ROOT / "qlora_studio" / "ui"
+    files = [p for p in (ROOT / "qlora_studio").rglob("*.py") if ui not in p.parents] + [ROOT / "app.py"]
+    offenders = [str(p.relative_to(ROOT)) for p in files
+                 if re.search(r"^\s*(import gradio|from gradio)", p.read_text(), re.M)]
+    assert offenders == []
+
+
+# ------------------------------------------------------------------ the live view
+
+
+def test_series_stays_bounded_and_keeps_the_newest_point():
+    from qlora_studio.ui.live import Series
+
+    s = Series(cap=50)
+    for i in range(10_000):
+        s.add(i, float(i))
+    xs, ys = s.points()
+    assert len(xs) <= 51 and xs[0] == 0 and xs[-1] == 9_999
+    assert xs == sorted(xs) and len(s) == 10_000
+    s.add(10_000, None)  # missing values are skipped
+    assert s.points()[0][-1] == 9_999
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_run_view_reads_only_what_was_appended(tmp_path):
+    from qlora_studio.ui.live import RunView
+
+    run = tmp_path / "run"
+    run.mkdir()
+    view = RunView(run)
+    assert view.refresh() is False  # no metrics yet
+    train = [{"type": "train", "step": i, "epoch": i / 10, "time": 1000.0 + i, "loss": 2.0 / i, "lr": 1e-4,
+              "grad_norm": 1.0, "tokens": 100 * i, "tokens_per_s": 100.0, "memory_rss_mb": 900.0} for i in range(1, 6)]
+    _append(run / "metrics.jsonl", train)
+    assert view.refresh() is True and view.version == 1 and len(view.loss) == 5
+    offset = view.offset
+    assert view.refresh() is False and view.offset == offset  # nothing new: nothing read, no new version
+    with open(run / "metrics.jsonl", "a") as f:  # a line being written is left for the next poll
+        f.write('{"type": "eval", "step": 5, "eval_loss": 0.5')
+    assert view.refresh() is False
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("}\n")
+    assert view.refresh() is True and view.last_eval["eval_loss"] == 0.5 and len(view.eval_loss) == 1
+    assert view.seconds_per_step() == pytest.approx(1.0)
+    loss_json, dyn_json = view.figures({})
+    loss_fig, dyn_fig = json.loads(loss_json), json.loads(dyn_json)
+    assert loss_fig["data"][0]["x"] == [1, 2, 3, 4, 5] and loss_fig["data"][1]["name"] == "eval loss"
+    assert loss_fig["data"][1]["y"] == [0.5]
+    assert view.figures({})[0] is loss_json  # built once per change, shared by every page
+    assert dyn_fig["layout"]["annotations"][3]["text"].startswith("process memory")
+    assert dyn_fig["data"][2]["y"] == [100.0] * 5
+    _append(run / "metrics.jsonl", [{"type": "train", "step": 6, "time": 1006.0, "loss": float("nan")}])
+    view.refresh()
+    assert json.loads(view.figures({})[0])["data"][0]["y"][-1] is None  # NaN: a gap, and valid JSON
+
+
+def test_run_view_starts_over_when_a_resume_rewrites_the_metrics(tmp_path):
+    import os
+
+    from qlora_studio.ui.live import RunView
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"type": "train", "step": i, "time": float(i), "loss": 1.0} for i in range(1, 9)]
+    _append(run / "metrics.jsonl", recs)
+    view = RunView(run)
+    view.refresh()
+    tmp = run / "metrics.tmp"
+    _append(tmp, recs[:3])
+    os.replace(tmp, run / "metrics.jsonl")  # as training._truncate_metrics_after does
+    view.refresh()
+    assert len(view.loss) == 3
+
+
+# ------------------------------------------------------------------ findings
+
+
+def test_findings_say_not_available_without_a_diagnosis_module(monkeypatch):
+    from qlora_studio.ui import findings
+
+    monkeypatch.setitem(sys.modules, "qlora_studio.diagnose", None)  # import fails as if absent
+    assert findings.diagnosis_module() is None
+    assert findings.guide_text() is None
+    assert findings.NOT_AVAILABLE in findings.findings_html(None, available=False)
+
+
+def test_findings_use_the_diagnosis_module_when_there_is_one(tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from qlora_studio.ui import findings
+
+    @dataclass
+    class Finding:
+        severity: str
+        title: str
+        detail: str
+        fix: str
+
+    calls = []
+    mod = types.ModuleType("qlora_studio.diagnose")
+    mod.__file__ = str(tmp_path / "diagnose.py")
+
+    def diagnose(records, config=None, status=None, summary=None, data_report=None):
+        calls.append((len(records), status.get("state")))
+        return [Finding("warning", "loss <went> flat", "no change for 50 steps", "raise the learning rate")]
+
+    mod.diagnose = diagnose
+    (tmp_path / "guide.md").write_text("# When the loss goes flat\n")
+    monkeypatch.setitem(sys.modules, "qlora_studio.diagnose", mod)
+    assert findings.guide_text().startswith("# When the loss goes flat")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    _append(run / "metrics.jsonl", [{"type": "train", "step": 1, "loss": 1.0}])
+    diag = findings.RunDiagnosis(mod, run)
+    out = diag.update([{"type": "train", "step": 1, "loss": 1.0}], {"state": "running"})
+    assert calls == [(1, "running")] and len(out) == 1
+    diag.update([{"type": "train", "step": 2}], {"state": "running"})  # throttled: not again within FULL_EVERY_S
+    assert len(calls) == 1
+    diag.update([], {"state": "completed"})  # once more at the end, with everything
+    diag.update([], {"state": "completed"})
+    assert calls[-1] == (1, "completed") and len(calls) == 2
+    html = findings.findings_html(out)
+    assert "loss &lt;went&gt; flat" in html and "raise the learning rate" in html and "qs-warn" in html
+
+
+def test_an_incremental_diagnoser_is_fed_only_new_records(tmp_path):
+    from qlora_studio.ui import findings
+
+    fed = []
+
+    class Diagnoser:
+        def __init__(self, config=None):
+            self.findings = []
+
+        def update(self, records):
+            fed.append(len(records))
+            self.findings = [{"severity": "info", "title": f"seen {sum(fed)} records"}]
+
+    mod = types.SimpleNamespace(Diagnoser=Diagnoser, diagnose=lambda records, **kw: [])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    diag = findings.RunDiagnosis(mod, run)
+    diag.update([{"step": 1}, {"step": 2}], {"state": "running"})
+    out = diag.update([{"step": 3}], {"state": "running"})
+    assert fed == [2, 1] and out[0]["title"] == "seen 3 records"
+
+
+# ------------------------------------------------------------------ files and names
+
+
+def test_uploads_are_kept_under_safe_names_and_limited(studio_home, tmp_path, monkeypatch):
+    from qlora_studio.ui import common
+
+    src = tmp_path / "my data (v2).jsonl"
+    src.write_text('{"text": "hi"}\n')
+    kept = common.keep_upload(src, "../../etc/my data (v2).jsonl")
+    assert kept.parent == studio_home / "uploads" and kept.name == "my-data-v2.jsonl"
+    assert common.keep_upload(src, src.name).name == "my-data-v2-2.jsonl"
+    with pytest.raises(ValueError, match="unsupported file type"):
+        common.keep_upload(src, "notes.txt")
+    monkeypatch.setattr(common, "MAX_UPLOAD_MB", 0)
+    with pytest.raises(ValueError, match="over the upload limit"):
+        common.keep_upload(src, src.name)
+    assert any(value == str(kept) for _, value in common.data_choices())
+
+
+def test_run_names_cannot_leave_the_runs_folder(studio_home):
+    from qlora_studio.runs import RunError
+    from qlora_studio.ui.common import run_folder
+    from qlora_studio.ui.train import settings_from_form
+
+    for bad in ("../outside", "/etc", "a/b", ".."):
+        with pytest.raises(RunError):
+            run_folder(bad)
+    with pytest.raises(RunError, match="not a valid run name"):
+        settings_from_form({"model": "embedded"}, "assets/sql/train.jsonl", "../escape", _form_values())
+
+
+def _form_values(**over):
+    from qlora_studio.ui.train import FIELDS, preset_values
+
+    values, _, _ = preset_values("cpu-demo")
+    values.update(over)
+    return [values[f] for f, _ in FIELDS]
+
+
+def test_the_form_builds_the_train_config_and_names_bad_fields():
+    from qlora_studio.training import TrainConfig, TrainingError
+    from qlora_studio.ui.train import preset_values, settings_from_form
+
+    _, settings, _ = preset_values("cpu-demo")
+    cfg = TrainConfig.from_dict(settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values(max_steps=0)))
+    assert cfg.max_steps is None and cfg.model == "embedded" and cfg.test_data  # 0 = by epochs
+    other = settings_from_form(settings, "assets/chat/train.jsonl", "mine", _form_values(rank=0, targets="auto"))
+    assert other["rank"] is None and other["targets"] is None and "test_data" not in other and other["name"] == "mine"
+    with pytest.raises(ValueError, match="batch_size: needs a whole number"):
+        settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values(batch_size=2.5))
+    with pytest.raises(ValueError, match="data: nope.jsonl: no such file"):
+        settings_from_form(settings, "nope.jsonl", "", _form_values())
+    with pytest.raises(TrainingError, match="learning_rate"):
+        TrainConfig.from_dict(settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values(learning_rate=5)))
+
+
+def test_log_tail_leaves_tracebacks_out(tmp_path):
+    from qlora_studio.ui.common import tail_lines
+
+    log = tmp_path / "train.log"
+    log.write_text("10:00:00 step 1/9 loss 2.0\n10:00:01 FAILED: RuntimeError: boom\n"
+                   "10:00:01 Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\nRuntimeError: boom\n")
+    assert tail_lines(log) == ["10:00:00 step 1/9 loss 2.0", "10:00:01 FAILED: RuntimeError: boom"]
+
+
+def test_friendly_errors_name_the_problem_without_a_traceback():
+    from qlora_studio.data import DataError
+    from qlora_studio.ui.common import friendly, safe
+
+    assert friendly(DataError("x.jsonl:3 messages: missing")) == "x.jsonl:3 messages: missing"
+    msg = friendly(KeyError("oops"))
+    assert msg.startswith("unexpected error (KeyError") and "Traceback" not in msg
+
+    @safe(lambda m: ("error", m))
+    def handler():
+        raise DataError("x.jsonl:1 text: empty")
+
+    assert handler() == ("error", "x.jsonl:1 text: empty")
+
+    @safe(lambda m: ("error", m))
+    def streaming():
+        yield ("ok", 1)
+        raise ValueError("bad value")
+
+    assert list(streaming()) == [("ok", 1), ("error", "bad value")]
+
+
+# ------------------------------------------------------------------ presets
+
+
+@pytest.mark.parametrize("name,card_gb", [("chat-8gb", 8), ("sql-12gb", 12), ("7b-16gb", 16)])
+def test_gpu_presets_are_valid_and_fit_their_card(name, card_gb):
+    from qlora_studio.catalog import load_architecture
+    from qlora_studio.estimator import HEADROOM, estimate
+    from qlora_studio.presets import load_preset
+
+    cfg = load_preset(name)
+    assert Path(cfg.data).is_file() and cfg.model.startswith("Qwen/Qwen2.5-")
+    targets = cfg.targets if isinstance(cfg.targets, str) else "attention"
+    est = estimate(load_architecture(cfg.model), quant=cfg.quant, double_quant=cfg.double_quant, rank=cfg.rank,
+                   targets=targets, batch=cfg.batch_size, seq=cfg.max_seq_len,
+                   grad_checkpointing=cfg.gradient_checkpointing)
+    assert est.total_bytes * (1 + HEADROOM) <= card_gb * 2**30
+
+
+def test_the_chat_sample_is_usable_chat_data():
+    from qlora_studio.data import load_examples
+
+    examples, report = load_examples(ROOT / "assets" / "chat" / "train.jsonl")
+    assert report.format == "chat" and report.usable == report.rows >= 200 and not report.warnings
