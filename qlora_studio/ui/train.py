@@ -25,7 +25,10 @@ from .findings import diagnosis_module, findings_html, run_diagnosis
 from .live import empty_figure, live_runs
 
 DEFAULT_PRESET = "cpu-demo"
-POLL_SECONDS = 1.5
+POLL_SECONDS = 2.0
+# While a run trains, a page gets new curves at most this often (the progress line every poll): drawing
+# the curves is the browser's biggest cost, and on a CPU-only machine the browser shares the cores.
+PLOT_EVERY_S = 6.0
 AUTO = "auto"
 
 # The settings shown under "advanced", in order: (field, kind). Kinds: int/float may be left empty
@@ -265,7 +268,9 @@ def poll(watched, seen):
 
     loss_fig = dyn_fig = gr.skip()
     fig_key = [view.version, view.estimate_mb, bool(config.get("lora"))]
-    if seen.get("fig") != fig_key:
+    due = state != "running" or time.time() - seen.get("fig_at", 0) >= PLOT_EVERY_S or not seen.get("fig")
+    if seen.get("fig") != fig_key and due:
+        seen["fig_at"] = time.time()
         loss_json, dyn_json = view.figures(config)
         loss_fig, dyn_fig = PlotData(type="plotly", plot=loss_json), PlotData(type="plotly", plot=dyn_json)
         seen["fig"] = [view.version, view.estimate_mb, bool(config.get("lora"))]

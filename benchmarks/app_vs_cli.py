@@ -1,0 +1,174 @@
+"""The app's cold start to its first page, and the speed of the same short run started from the app
+(the Train tab open in Chromium, live curves polling) and from the command line.
+
+    python benchmarks/app_vs_cli.py                 # embedded model, 30 steps, batch 2 x 128 tokens, 2 rounds
+    python benchmarks/app_vs_cli.py --quant nf4 --steps 10
+
+Speed is non-pad tokens/s from each run's summary.json (the Trainer's runtime: model loading
+excluded), and the steady rate after 3 warm-up steps from metrics.jsonl. Rounds alternate the order
+(CLI first, then app first) so a drift in the machine's load does not favour one side. The load
+average is printed before and after: compare only numbers taken on a quiet machine.
+Needs playwright and Debian's chromium at /usr/bin/chromium. Runs go to a temporary studio home.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rates(run: Path, warmup: int = 3) -> tuple[float, float]:
+    summary = json.loads((run / "summary.json").read_text())
+    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    steady = float("nan")
+    if len(train) > warmup + 1:
+        a, b = train[warmup - 1], train[-1]
+        steady = (b["tokens"] - a["tokens"]) / (b["time"] - a["time"])
+    return summary["tokens_per_s"], steady
+
+
+def cli_run(env: dict, name: str, a) -> tuple[float, float]:
+    cmd = [sys.executable, "-m", "qlora_studio.cli", "train", "--preset", "cpu-demo", "--max-steps", str(a.steps),
+           "--batch-size", str(a.batch_size), "--max-seq-len", str(a.max_seq_len), "--eval-fraction", "0",
+           "--quant", a.quant, "--output", name]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return rates(Path(env["QLORA_STUDIO_HOME"]) / "runs" / name)
+
+
+def app_run(page, home: Path, name: str, a, first: bool, url: str) -> tuple[float, float]:
+    def number(sel, value):
+        box = page.locator(f"{sel} input").first
+        box.fill(str(value))
+        box.press("Tab")
+
+    if page.url != url:
+        page.goto(url)
+        page.wait_for_selector("#machine-info .qs-notice, #machine-info table")
+        first = True
+    page.click("#tab-train-button")
+    if first:
+        page.click("#advanced button.label-wrap")
+        page.wait_for_selector("#f-max-steps input", state="visible")
+    for sel, value in (("#f-max-steps", a.steps), ("#f-batch", a.batch_size), ("#f-seq", a.max_seq_len), ("#f-eval", 0)):
+        number(sel, value)
+    page.locator("#f-quant label", has_text=a.quant).click()
+    page.locator("#run-name-input input").first.fill(name)
+    page.wait_for_function("n => document.querySelector('#resolved').innerText.includes('name: ' + n)", arg=name)
+    page.click("#start")
+    if a.page == "closed":  # the run goes on without any page watching it
+        page.wait_for_function("n => document.querySelector('#run-header').innerText.includes(n)", arg=name)
+        page.goto("about:blank")
+        status = home / "runs" / name / "status.json"
+        while json.loads(status.read_text()).get("state") == "running":
+            time.sleep(1)
+        return rates(home / "runs" / name)
+    page.wait_for_function("n => { const h = document.querySelector('#run-header'); "
+                           "return h && h.innerText.includes(n) && h.innerText.includes('completed'); }",
+                           arg=name, timeout=3_600_000, polling=1000)
+    return rates(home / "runs" / name)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--quant", default="none", choices=["nf4", "fp4", "none"])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--page", default="train", choices=["train", "closed"],
+                   help="during the app's runs: keep the Train tab open (live curves), or close the page")
+    a = p.parse_args()
+
+    from playwright.sync_api import sync_playwright
+
+    from qlora_studio.models import embedded_model_path
+
+    embedded = embedded_model_path()  # converted once in the usual studio home; shared by a link
+    home = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
+    (home / "models").mkdir()
+    (home / "models" / embedded.name).symlink_to(embedded)
+    env = dict(os.environ, QLORA_STUDIO_HOME=str(home), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]))
+    load_before = os.getloadavg()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    results = {"cli": [], "app": []}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        t0 = time.monotonic()
+        server = subprocess.Popen([sys.executable, "-m", "qlora_studio.cli", "serve", "--port", str(port)], cwd=ROOT,
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while True:
+                try:
+                    page.goto(url, timeout=5000)
+                    break
+                except Exception:
+                    if server.poll() is not None or time.monotonic() - t0 > 180:
+                        raise SystemExit("the app did not start")
+                    time.sleep(0.1)
+            served = time.monotonic() - t0
+            page.wait_for_selector("#machine-info .qs-notice, #machine-info table", timeout=60_000)
+            cold = time.monotonic() - t0
+            print(f"cold start: page served after {served:.1f} s, first page rendered (hardware tab filled) "
+                  f"after {cold:.1f} s", flush=True)
+            first = True
+            for r in range(a.rounds):
+                order = ("cli", "app") if r % 2 == 0 else ("app", "cli")
+                for side in order:
+                    name = f"{side}-{r}"
+                    t = time.monotonic()
+                    out = cli_run(env, name, a) if side == "cli" else app_run(page, home, name, a, first, url)
+                    if side == "app":
+                        first = False
+                    results[side].append(out)
+                    print(f"  round {r} {side:3s}: {out[0]:6.1f} tokens/s (summary), {out[1]:6.1f} steady "
+                          f"({time.monotonic() - t:.0f} s wall)", flush=True)
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            browser.close()
+    load_after = os.getloadavg()
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    cli_s, app_s = mean([x[0] for x in results["cli"]]), mean([x[0] for x in results["app"]])
+    cli_st, app_st = mean([x[1] for x in results["cli"]]), mean([x[1] for x in results["app"]])
+    print(f"embedded model, {a.quant}, batch {a.batch_size} x {a.max_seq_len}, {a.steps} steps, {a.rounds} rounds, "
+          f"page {'open on the Train tab' if a.page == 'train' else 'closed'} during the app's runs")
+    print(f"CLI {cli_s:.1f} tokens/s, app {app_s:.1f} tokens/s: app/CLI = {app_s / cli_s:.3f} (summary); "
+          f"steady {cli_st:.1f} vs {app_st:.1f}: {app_st / cli_st:.3f}")
+    print(f"load average before {load_before[0]:.2f} / {load_before[1]:.2f}, after {load_after[0]:.2f} / {load_after[1]:.2f}"
+          f" (1 / 5 min; {os.cpu_count()} CPUs)")
+    print(f"runs in {home}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
