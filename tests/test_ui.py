@@ -202,6 +202,10 @@ def test_training_runs_live_refuses_a_second_start_and_stops(page):
     wait_for(lambda: page.locator("#run-state").inner_text() == "stopped", 180, "the run to stop")
     assert plot_points(page, "loss-plot") >= 2
     assert "stopped at step" in page.locator("#run-log textarea").input_value()
+    from qlora_studio.ui.findings import NOT_AVAILABLE, diagnosis_module
+
+    panel = page.locator("#findings").inner_text()
+    assert (NOT_AVAILABLE in panel) == (diagnosis_module() is None)
     page.locator("#advanced button.label-wrap, #advanced > button").first.click()  # fold it for the screenshot
     shot(page, "train")
 

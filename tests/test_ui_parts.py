@@ -143,71 +143,76 @@ def test_findings_say_not_available_without_a_diagnosis_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "qlora_studio.diagnose", None)  # import fails as if absent
     assert findings.diagnosis_module() is None
     assert findings.guide_text() is None
+    assert findings.run_diagnosis(Path("/nonexistent")) is None
     assert findings.NOT_AVAILABLE in findings.findings_html(None, available=False)
 
 
-def test_findings_use_the_diagnosis_module_when_there_is_one(tmp_path, monkeypatch):
-    from dataclasses import dataclass
-
+def test_the_help_tab_shows_the_troubleshooting_guide():
     from qlora_studio.ui import findings
 
-    @dataclass
-    class Finding:
-        severity: str
-        title: str
-        detail: str
-        fix: str
+    guide = findings.guide_text()
+    assert guide and guide == (ROOT / "qlora_studio" / "guide.md").read_text()
 
-    calls = []
-    mod = types.ModuleType("qlora_studio.diagnose")
-    mod.__file__ = str(tmp_path / "diagnose.py")
 
-    def diagnose(records, config=None, status=None, summary=None, data_report=None):
-        calls.append((len(records), status.get("state")))
-        return [Finding("warning", "loss <went> flat", "no change for 50 steps", "raise the learning rate")]
+def _train_rows(steps, loss=lambda i: 2.0 - 0.01 * i):
+    return [{"type": "train", "step": i, "epoch": i / 100, "time": 1000.0 + i, "loss": loss(i), "lr": 2e-4,
+             "grad_norm": 1.0, "tokens": 100 * i, "tokens_per_s": 100.0} for i in steps]
 
-    mod.diagnose = diagnose
-    (tmp_path / "guide.md").write_text("# When the loss goes flat\n")
-    monkeypatch.setitem(sys.modules, "qlora_studio.diagnose", mod)
-    assert findings.guide_text().startswith("# When the loss goes flat")
+
+def test_findings_follow_the_run_incrementally_and_offer_fixes(tmp_path):
+    import qlora_studio.diagnose as mod
+    from qlora_studio.ui import findings
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"learning_rate": 2e-4, "batch_size": 4, "grad_accum": 1}))
+    _append(run / "metrics.jsonl", _train_rows(range(1, 21)))
+    diag = findings.RunDiagnosis(mod, run)
+    assert diag.update({"state": "running"}) == [] and diag.version == 0
+    assert len(diag._diagnoser.train) == 20
+    diag.update({"state": "running"})  # a second page polling: nothing is fed twice
+    assert len(diag._diagnoser.train) == 20
+    _append(run / "metrics.jsonl", _train_rows([21], loss=lambda i: float("nan")))
+    out = diag.update({"state": "running"})
+    assert len(diag._diagnoser.train) == 21 and diag.version == 1
+    assert [f.kind for f in out] == ["nonfinite"] and out[0].severity == "error"
+    html = findings.findings_html(out, running=True)
+    assert "nonfinite" in html and "at step 21" in html and "qs-error" in html and "<ol" in html
+    choices = findings.fix_choices(out)
+    assert choices and all(value.startswith("nonfinite|21|") for _, value in choices)
+    assert "learning_rate" in choices[0][0]
+    # the finished run: diagnosed once over everything, with its status
+    done = diag.update({"state": "stopped", "finished_at": 1.0})
+    assert [f.kind for f in done] == ["nonfinite"]
+
+
+def test_findings_start_over_when_a_resume_rewrites_the_metrics(tmp_path):
+    import os
+
+    import qlora_studio.diagnose as mod
+    from qlora_studio.ui import findings
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
-    _append(run / "metrics.jsonl", [{"type": "train", "step": 1, "loss": 1.0}])
+    _append(run / "metrics.jsonl", _train_rows(range(1, 11)))
     diag = findings.RunDiagnosis(mod, run)
-    out = diag.update([{"type": "train", "step": 1, "loss": 1.0}], {"state": "running"})
-    assert calls == [(1, "running")] and len(out) == 1
-    diag.update([{"type": "train", "step": 2}], {"state": "running"})  # throttled: not again within FULL_EVERY_S
-    assert len(calls) == 1
-    diag.update([], {"state": "completed"})  # once more at the end, with everything
-    diag.update([], {"state": "completed"})
-    assert calls[-1] == (1, "completed") and len(calls) == 2
-    html = findings.findings_html(out)
-    assert "loss &lt;went&gt; flat" in html and "raise the learning rate" in html and "qs-warn" in html
+    diag.update({"state": "running"})
+    _append(run / "metrics.tmp", _train_rows(range(1, 5)))
+    os.replace(run / "metrics.tmp", run / "metrics.jsonl")
+    diag.update({"state": "running"})
+    assert len(diag._diagnoser.train) == 4
 
 
-def test_an_incremental_diagnoser_is_fed_only_new_records(tmp_path):
+def test_findings_panel_renders_what_it_is_given():
     from qlora_studio.ui import findings
 
-    fed = []
-
-    class Diagnoser:
-        def __init__(self, config=None):
-            self.findings = []
-
-        def update(self, records):
-            fed.append(len(records))
-            self.findings = [{"severity": "info", "title": f"seen {sum(fed)} records"}]
-
-    mod = types.SimpleNamespace(Diagnoser=Diagnoser, diagnose=lambda records, **kw: [])
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text("{}")
-    diag = findings.RunDiagnosis(mod, run)
-    diag.update([{"step": 1}, {"step": 2}], {"state": "running"})
-    out = diag.update([{"step": 3}], {"state": "running"})
-    assert fed == [2, 1] and out[0]["title"] == "seen 3 records"
+    assert "nothing found so far" in findings.findings_html([], running=True)
+    html = findings.findings_html([{"kind": "spike", "severity": "warning", "step": 7, "message": "loss <jumped>",
+                                    "fixes": [{"title": "halve it", "changes": {"learning_rate": 1e-4}, "why": "w"},
+                                              {"title": "look at the data", "changes": {}, "why": ""}]}])
+    assert "loss &lt;jumped&gt;" in html and "learning_rate → 0.0001" in html and "qs-warn" in html
+    assert findings.fix_choices([{"kind": "spike", "step": 7, "fixes": [{"title": "advice", "changes": {}}]}]) == []
 
 
 # ------------------------------------------------------------------ files and names

@@ -4,10 +4,13 @@ The diagnosis module (detectors, the troubleshooting guide) is separate work; th
 detectors of its own. When ``qlora_studio.diagnose`` cannot be imported, both places say
 "diagnosis not available in this build". When it can:
 
-- during a run, an incremental ``Diagnoser`` (if the module has one) is fed only the records each
-  poll adds; without one, ``diagnose(records, config=, status=, summary=, data_report=)`` runs at
-  most every ``FULL_EVERY_S`` seconds;
-- when the run has finished, ``diagnose(...)`` runs once more on everything, with the summary.
+- during a run, an incremental ``Diagnoser`` is fed only the records each poll adds (plus the data
+  findings and an out-of-memory recovery from the status);
+- when the run has finished, ``diagnose(records, config=, status=, summary=, data_report=)`` runs
+  once on everything, with the summary.
+
+Each finding is shown with its fixes in the order to try them; a fix that changes settings can be
+applied from the Train tab as a new run (`RunManager.apply_fix`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import importlib
 import inspect
 import logging
 import threading
-import time
 from pathlib import Path
 
 from .common import esc, read_json
@@ -25,7 +27,6 @@ from .common import esc, read_json
 log = logging.getLogger("qlora_studio.ui")
 
 NOT_AVAILABLE = "diagnosis not available in this build"
-FULL_EVERY_S = 15.0
 FINAL_STATES = ("completed", "stopped", "failed", "interrupted")
 
 
@@ -71,76 +72,77 @@ def _call_with_known_kwargs(fn, *args, **kwargs):
 
 
 class RunDiagnosis:
-    """Findings of one run, kept current as its metrics arrive."""
+    """Findings of one run, kept current as its metrics arrive (shared by every page watching it).
+
+    While the run trains, a `diagnose.Diagnoser` is fed only the records appended since the last
+    poll (it keeps its own offset into metrics.jsonl, so any number of pages can poll); the data
+    findings come from data_report.json once it exists. When the run has finished, `diagnose` runs
+    once over everything, with the status and the summary (out-of-memory, an under-used card).
+    """
 
     def __init__(self, mod, run_path: Path):
         self.mod = mod
         self.path = Path(run_path)
         self.findings: list = []
         self.version = 0
-        self._incremental = None
-        self._feed = None
-        self._last_full = 0.0
-        self._final_done = False
         self._lock = threading.Lock()
-        cls = getattr(mod, "Diagnoser", None)
-        if cls is not None:
-            try:
-                self._incremental = _call_with_known_kwargs(cls, config=self._config(), data_report=self._data_report())
-                for name in ("update", "feed", "add", "observe"):
-                    if callable(getattr(self._incremental, name, None)):
-                        self._feed = getattr(self._incremental, name)
-                        break
-            except Exception as e:
-                log.warning("diagnose.Diagnoser could not be set up: %s", e)
-                self._incremental = None
+        self._diagnoser = None
+        self._offset = 0
+        self._inode = None
+        self._data: list | None = None
+        self._final_key = None
 
     def _config(self) -> dict:
         return read_json(self.path / "config.json", {}) or {}
 
-    def _data_report(self) -> dict | None:
-        return read_json(self.path / "data_report.json")
-
     def _set(self, findings) -> None:
         findings = list(findings or [])
-        if findings != self.findings:
+        if [_as_dict(f) for f in findings] != [_as_dict(f) for f in self.findings]:
             self.findings = findings
             self.version += 1
 
-    def update(self, new_records: list[dict], status: dict) -> list:
-        """Feed the records a poll added; run the full diagnosis once the run has finished."""
+    def update(self, status: dict) -> list:
         with self._lock:
             try:
-                state = status.get("state")
-                if state in FINAL_STATES:
-                    if not self._final_done:
-                        self._final_done = True
-                        self._full(status)
-                    return self.findings
-                self._final_done = False
-                if self._feed is not None:
-                    if new_records:
-                        out = self._feed(new_records)
-                        if out is None:
-                            out = getattr(self._incremental, "findings", None)
-                            out = out() if callable(out) else out
-                        if out is not None:
-                            self._set(out)
-                elif new_records and time.time() - self._last_full >= FULL_EVERY_S:
-                    self._full(status)
+                self._update(status)
             except Exception as e:  # diagnosis must never break the live view
                 log.warning("diagnosis failed on %s: %s", self.path.name, e)
             return self.findings
 
-    def _full(self, status: dict) -> None:
+    def _update(self, status: dict) -> None:
+        import os
+
         from ..runs import read_metrics_from
 
-        self._last_full = time.time()
-        records, _ = read_metrics_from(self.path / "metrics.jsonl")
-        summary = read_json(self.path / "summary.json")
-        out = _call_with_known_kwargs(self.mod.diagnose, records, config=self._config(), status=status,
-                                      summary=summary, data_report=self._data_report())
-        self._set(out)
+        metrics = self.path / "metrics.jsonl"
+        state = status.get("state")
+        if state in FINAL_STATES:
+            key = (state, status.get("finished_at"), status.get("updated_at"))
+            if key != self._final_key:
+                self._final_key = key
+                records, _ = read_metrics_from(metrics)
+                self._set(_call_with_known_kwargs(
+                    self.mod.diagnose, records, config=self._config(), status=status,
+                    summary=read_json(self.path / "summary.json"), data_report=read_json(self.path / "data_report.json")))
+            return
+        self._final_key = None
+        try:
+            st = os.stat(metrics)
+            size, inode = st.st_size, st.st_ino
+        except FileNotFoundError:
+            size, inode = 0, None
+        if self._diagnoser is None or (self._inode is not None and inode != self._inode) or size < self._offset:
+            self._diagnoser = _call_with_known_kwargs(self.mod.Diagnoser, config=self._config())
+            self._offset = 0  # a new run, or a resume that rewrote the metrics: start over
+        self._inode = inode
+        if size > self._offset:
+            records, self._offset = read_metrics_from(metrics, self._offset)
+            self._diagnoser.add_all(records)
+        if self._data is None and (self.path / "data_report.json").is_file():
+            data_findings = getattr(self.mod, "data_findings", None)
+            self._data = list(data_findings(read_json(self.path / "data_report.json"), self._config())) if data_findings else []
+        oom = getattr(self.mod, "oom_findings", None)
+        self._set((self._data or []) + list(self._diagnoser.findings) + (list(oom(status, self._config())) if oom else []))
 
 
 _diagnoses: dict[str, RunDiagnosis] = {}
@@ -176,40 +178,50 @@ def _as_dict(finding) -> dict:
     return {"title": str(finding)}
 
 
-def _first(d: dict, *keys):
-    for k in keys:
-        v = d.get(k)
-        if v not in (None, "", [], {}):
-            return v
-    return None
+SEVERITY_CLASS = {"error": "error", "warning": "warn", "info": "info"}
 
 
-SEVERITY_CLASS = {"error": "error", "critical": "error", "high": "error", "warning": "warn", "warn": "warn",
-                  "medium": "warn", "info": "info", "low": "info", "ok": "ok"}
+def _changes_text(changes: dict) -> str:
+    return ", ".join(f"{k} → {v}" for k, v in (changes or {}).items())
 
 
 def findings_html(findings: list | None, available: bool = True, running: bool = False) -> str:
-    """The findings panel: one card per finding (severity, what, why, what to do)."""
+    """The findings panel: one card per finding (severity, what, at which step) with its fixes in the
+    order to try them."""
     if not available:
         return f'<div class="qs-findings qs-muted">{esc(NOT_AVAILABLE)}</div>'
     if not findings:
-        what = "nothing found so far" if running else "no findings"
+        what = "nothing found so far" if running else "no findings: nothing looks wrong"
         return f'<div class="qs-findings qs-muted">{esc(what)}</div>'
     cards = []
     for f in findings:
         d = _as_dict(f)
-        sev = str(_first(d, "severity", "level", "kind") or "info").lower()
-        title = _first(d, "title", "summary", "name", "message", "code") or "finding"
-        detail = _first(d, "detail", "explanation", "why", "evidence", "description")
-        if detail == title:
-            detail = None
-        fix = _first(d, "fix", "advice", "suggestion", "action", "what_to_do", "remedy")
-        step = _first(d, "step", "at_step")
-        parts = [f'<div class="qs-finding-title"><span class="qs-sev">{esc(sev)}</span> {esc(title)}'
-                 + (f' <span class="qs-muted">(step {esc(step)})</span>' if step is not None else "") + "</div>"]
-        if detail:
-            parts.append(f"<div>{esc(detail)}</div>")
-        if fix:
-            parts.append(f'<div class="qs-fix">What to do: {esc(fix)}</div>')
-        cards.append(f'<div class="qs-notice qs-{SEVERITY_CLASS.get(sev, "info")}">{"".join(parts)}</div>')
+        sev = str(d.get("severity") or "info").lower()
+        kind = d.get("kind") or "finding"
+        step = d.get("step")
+        head = (f'<div class="qs-finding-title"><span class="qs-sev">{esc(sev)}</span> {esc(kind)}'
+                + (f' <span class="qs-muted">at step {esc(step)}</span>' if step else "") + "</div>")
+        body = f"<div>{esc(d.get('message') or d.get('title') or '')}</div>"
+        fixes = []
+        for fx in d.get("fixes") or []:
+            fx = _as_dict(fx)
+            changes = _changes_text(fx.get("changes"))
+            fixes.append(f"<li><b>{esc(fx.get('title', ''))}</b>" + (f" <code>{esc(changes)}</code>" if changes else "")
+                         + (f' <span class="qs-muted">{esc(fx["why"])}</span>' if fx.get("why") else "") + "</li>")
+        fix_html = f'<ol class="qs-fix">{"".join(fixes)}</ol>' if fixes else ""
+        cards.append(f'<div class="qs-notice qs-{SEVERITY_CLASS.get(sev, "info")} qs-finding">{head}{body}{fix_html}</div>')
     return '<div class="qs-findings">' + "".join(cards) + "</div>"
+
+
+def fix_choices(findings: list | None) -> list[tuple[str, str]]:
+    """(label, "kind|step|index") for every fix that changes settings (a new run can apply it)."""
+    out = []
+    for f in findings or []:
+        d = _as_dict(f)
+        for i, fx in enumerate(d.get("fixes") or [], 1):
+            fx = _as_dict(fx)
+            if fx.get("changes"):
+                where = f"at step {d.get('step')}" if d.get("step") else "(before training)"
+                out.append((f"{d.get('kind')} {where}: {fx.get('title')} ({_changes_text(fx['changes'])})",
+                            f"{d.get('kind')}|{d.get('step')}|{i}"))
+    return out

@@ -21,7 +21,7 @@ from ..runs import RunFolder, check_run_name
 from ..training import TrainConfig
 from .common import (MODEL_CHOICES, display_path, esc, fmt_duration, fmt_num, latest_run_path, notice, read_json,
                      resolve_data_path, safe, tail_lines)
-from .findings import diagnosis_module, findings_html, run_diagnosis
+from .findings import diagnosis_module, findings_html, fix_choices, run_diagnosis
 from .live import empty_figure, live_runs
 
 DEFAULT_PRESET = "cpu-demo"
@@ -226,11 +226,12 @@ def progress_html(view, status: dict, config: dict) -> str:
 
 def _idle_outputs(seen):
     if seen.get("idle"):
-        return (gr.skip(),) * 6 + (None, seen)
+        return (gr.skip(),) * 8 + (None, seen)
     waiting = empty_figure("Loss", "no run yet: choose a preset and press Start")
     return ('<div class="qs-muted" id="run-state">no run yet</div>', "", waiting,
             empty_figure("Learning rate, gradient norm, speed, memory", "", 420), "",
-            findings_html(None, diagnosis_module() is not None), None, {"idle": True})
+            findings_html(None, diagnosis_module() is not None), gr.Dropdown(choices=[], value=None), gr.Row(visible=False),
+            None, {"idle": True})
 
 
 def poll(watched, seen):
@@ -284,24 +285,27 @@ def poll(watched, seen):
         log = "\n".join(tail_lines(run.path / "train.log"))
         seen["log"] = log_size
 
-    findings = gr.skip()
+    findings = fixes = fix_row = gr.skip()
     diag = run_diagnosis(run.path)
     if diag is None:
         if seen.get("find") != "n/a":
             findings = findings_html(None, available=False)
+            fixes, fix_row = gr.Dropdown(choices=[], value=None), gr.Row(visible=False)
             seen["find"] = "n/a"
     else:
-        diag.update(view.new_records if seen.get("fed") != view.version else [], status)
-        seen["fed"] = view.version
+        diag.update(status)
         find_key = [diag.version, state == "running"]
         if seen.get("find") != find_key:
             findings = findings_html(diag.findings, running=state == "running")
+            choices = fix_choices(diag.findings)
+            fixes = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
+            fix_row = gr.Row(visible=bool(choices))
             seen["find"] = find_key
-    return header, progress, loss_fig, dyn_fig, log, findings, path, seen
+    return header, progress, loss_fig, dyn_fig, log, findings, fixes, fix_row, path, seen
 
 
 def _poll_error(msg):
-    return (notice(msg, "error"),) + (gr.skip(),) * 7
+    return (notice(msg, "error"),) + (gr.skip(),) * 9
 
 
 # ------------------------------------------------------------------ actions
@@ -320,6 +324,29 @@ def start(preset_settings, data, name, *values):
                        "for it to finish, then press Start again.", "warn"), gr.skip(), gr.skip())
     return (notice(f"Started {run.name}: loading the model. The curves appear with the first logged step.", "ok"),
             str(run.path), {})
+
+
+def apply_fix(watched, choice):
+    """Apply a finding's fix: a new run with the changed settings, from the run's last good checkpoint."""
+    from ..diagnose import diagnose_run
+
+    if not watched or not choice:
+        raise ValueError("no fix chosen")
+    kind, step, index = choice.rsplit("|", 2)
+    folder = RunFolder(Path(watched))
+    finding = next((f for f in diagnose_run(folder.path) if f.kind == kind and str(f.step) == step), None)
+    if finding is None or not 1 <= int(index) <= len(finding.fixes):
+        raise ValueError("that finding is gone (the run changed since): pick the fix again")
+    fix = finding.fixes[int(index) - 1]
+    mgr = get_manager()
+    try:
+        child = mgr.apply_fix(folder.path, fix, reason=finding.message)
+    except RunBusy:
+        active = mgr.active()
+        return (notice(f"A run is training ({active.name if active else 'another run'}): stop it first, then apply "
+                       "the fix as a new run.", "warn"), gr.skip(), gr.skip())
+    return (notice(f"Started {child.name}: {fix.title} ({', '.join(f'{k} → {v}' for k, v in fix.changes.items())}), "
+                   f"from {folder.name}'s last good checkpoint.", "ok"), str(child.path), {})
 
 
 def stop():
@@ -408,6 +435,9 @@ def build(ctx) -> None:
         with gr.Column(scale=2):
             gr.Markdown("**Diagnosis**")
             ctx.tr_findings = gr.HTML(elem_id="findings")
+            with gr.Row(equal_height=True, visible=False) as ctx.tr_fix_row:
+                ctx.tr_fix = gr.Dropdown(label="Fix to apply", choices=[], value=None, scale=3, elem_id="fix-choice")
+                ctx.tr_apply = gr.Button("Apply as a new run", elem_id="apply-fix", scale=2, min_width=170)
     ctx.tr_dyn = gr.Plot(label="Learning rate, gradient norm, speed, memory", elem_id="dynamics-plot", show_label=False)
     ctx.tr_log = gr.Textbox(label="Log (latest lines)", lines=8, max_lines=14, interactive=False, elem_id="run-log")
     ctx.tr_watched = gr.State(None)
@@ -432,7 +462,7 @@ def wire(ctx) -> None:
     ctx.demo.load(resolve, form, ctx.tr_resolved, show_progress="hidden")
 
     live_outputs = [ctx.tr_header, ctx.tr_progress, ctx.tr_loss, ctx.tr_dyn, ctx.tr_log, ctx.tr_findings,
-                    ctx.tr_watched, ctx.tr_seen]
+                    ctx.tr_fix, ctx.tr_fix_row, ctx.tr_watched, ctx.tr_seen]
     poll_safe = safe(_poll_error)(poll)
     ctx.tr_timer.tick(poll_safe, [ctx.tr_watched, ctx.tr_seen], live_outputs, show_progress="hidden",
                       concurrency_limit=None, trigger_mode="always_last")
@@ -441,3 +471,5 @@ def wire(ctx) -> None:
     start_safe = safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip()))(start)
     ctx.tr_start.click(start_safe, form, [ctx.tr_notice, ctx.tr_watched, ctx.tr_seen], concurrency_limit=1)
     ctx.tr_stop.click(safe(lambda msg: notice(msg, "error"))(stop), None, ctx.tr_notice)
+    ctx.tr_apply.click(safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip()))(apply_fix), [ctx.tr_watched, ctx.tr_fix],
+                       [ctx.tr_notice, ctx.tr_watched, ctx.tr_seen], concurrency_limit=1)
