@@ -11,6 +11,7 @@ The tests run in file order and share one server and one browser (each step buil
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -174,6 +175,20 @@ def test_sample_data_previews(page):
     assert page.locator("#example-tokens .qs-tok-train").count() > 0  # trained tokens ...
     assert page.locator("#example-tokens .qs-tok-mask").count() > 0  # ... told apart from masked ones
     shot(page, "data")
+
+
+def test_an_upload_is_checked_with_file_line_and_field(page, tmp_path):
+    bad = tmp_path / "my data.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(30)]
+    rows[3] = {"messages": [{"role": "user", "content": "no answer here"}]}
+    bad.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    page.locator("#data-upload input[type=file]").set_input_files(str(bad))
+    wait_for(lambda: "Uploaded my-data.jsonl" in page.locator("#data-notice").inner_text(), 60, "the upload")
+    wait_for(lambda: "29 usable of 31 rows" in page.locator("#data-summary").inner_text(), 60, "the upload's check")
+    errors = page.locator("#data-errors").inner_text()
+    assert "my-data.jsonl:4 messages: no assistant message to learn from" in errors
+    assert "my-data.jsonl:31 (json): not valid JSON" in errors
 
 
 def test_training_runs_live_refuses_a_second_start_and_stops(page):

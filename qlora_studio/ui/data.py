@@ -200,7 +200,7 @@ def wire(ctx) -> None:
     inputs = [ctx.dt_source, ctx.dt_model, ctx.dt_len, ctx.dt_row]
     outputs = [ctx.dt_summary, ctx.dt_errors, ctx.dt_preview, ctx.dt_hist, ctx.dt_example, ctx.dt_row]
     ctx.dt_check.click(check, inputs, outputs, concurrency_limit=2)
-    ctx.dt_source.change(lambda: "", None, ctx.dt_notice, queue=False).then(check, inputs, outputs, concurrency_limit=2)
+    ctx.dt_source.change(check, inputs, outputs, concurrency_limit=2)
     ctx.dt_model.change(check, inputs, outputs, concurrency_limit=2)
     ctx.dt_len.submit(check, inputs, outputs, concurrency_limit=2)
     ctx.dt_row.submit(check, inputs, outputs, concurrency_limit=2)
