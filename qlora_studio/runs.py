@@ -196,12 +196,16 @@ class RunFolder:
         return read_json(self.path / "summary.json", {}) or {}
 
     def last_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint. A process killed while saving leaves a checkpoint folder
+        without its trainer_state.json (the Trainer writes it last): such a folder is passed over."""
         if not self.checkpoints.is_dir():
             return None
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(self.checkpoints))
-        return Path(last) if last else None
+        steps = []
+        for p in self.checkpoints.iterdir():
+            step = p.name.removeprefix("checkpoint-")
+            if p.is_dir() and p.name.startswith("checkpoint-") and step.isdigit() and (p / "trainer_state.json").is_file():
+                steps.append((int(step), p))
+        return max(steps)[1] if steps else None
 
     def delete(self) -> None:
         shutil.rmtree(self.path)

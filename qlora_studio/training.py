@@ -654,7 +654,8 @@ def good_checkpoints(run: RunFolder, at_or_before: int | None = None) -> list[Pa
     for p in run.checkpoints.iterdir():
         if p.is_dir() and p.name.startswith("checkpoint-") and p.name.rsplit("-", 1)[-1].isdigit():
             step = int(p.name.rsplit("-", 1)[-1])
-            if (at_or_before is None or step <= at_or_before) and _adapter_is_finite(p):
+            complete = (p / "trainer_state.json").is_file()  # a save cut short by a kill is not a checkpoint
+            if (at_or_before is None or step <= at_or_before) and complete and _adapter_is_finite(p):
                 found.append((step, p))
     return [p for _, p in sorted(found)]
 

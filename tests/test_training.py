@@ -123,6 +123,11 @@ def test_killed_process_leaves_an_interrupted_run_that_resumes(studio_home, tiny
     proc.wait()
     [record] = list_runs()
     assert record.state == "interrupted" and record.resumable
+    # A save cut short by a kill (a checkpoint folder without trainer_state.json) is never resumed from.
+    torn = run.checkpoints / "checkpoint-999"
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"")
+    assert run.last_checkpoint().name != "checkpoint-999"
     ckpt_step = int(run.last_checkpoint().name.split("-")[1])
     manager = RunManager()
     manager.resume("killed")
