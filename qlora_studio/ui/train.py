@@ -25,10 +25,11 @@ from .findings import diagnosis_module, findings_html, fix_choices, run_diagnosi
 from .live import empty_figure, live_runs
 
 DEFAULT_PRESET = "cpu-demo"
-POLL_SECONDS = 2.0
-# While a run trains, a page gets new curves at most this often (the progress line every poll): drawing
-# the curves is the browser's biggest cost, and on a CPU-only machine the browser shares the cores.
-PLOT_EVERY_S = 6.0
+# How often an open page asks for news (progress line, log tail, findings). While a run trains it gets new
+# curves at most every PLOT_EVERY_S: drawing the curves is the browser's biggest cost, and on a CPU-only
+# machine the browser shares the cores with training (benchmarks/app_vs_cli.py measures both).
+POLL_SECONDS = 3.0
+PLOT_EVERY_S = 12.0
 AUTO = "auto"
 
 # The settings shown under "advanced", in order: (field, kind). Kinds: int/float may be left empty
