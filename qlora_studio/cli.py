@@ -28,7 +28,8 @@ def _train_overrides(args) -> dict:
         "model": args.model, "data": args.data, "epochs": args.epochs, "max_steps": args.max_steps,
         "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_seq_len": args.max_seq_len,
         "rank": args.rank, "targets": args.targets, "quant": args.quant, "learning_rate": args.learning_rate,
-        "eval_fraction": args.eval_fraction, "name": args.output,
+        "eval_fraction": args.eval_fraction, "name": args.output, "batching": args.batching,
+        "attention": args.attention, "gradient_checkpointing": args.gradient_checkpointing,
     }
 
 
@@ -253,6 +254,11 @@ def _add_run_verbs(sub) -> None:
     t.add_argument("--quant", choices=["nf4", "fp4", "none"])
     t.add_argument("--learning-rate", type=float)
     t.add_argument("--eval-fraction", type=float)
+    t.add_argument("--batching", choices=["packed", "grouped", "padded"],
+                   help="packed (default): no padding, where the model's attention allows it")
+    t.add_argument("--attention", choices=["sdpa", "eager"], help="default: the faster one for the device")
+    t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on with a GPU, off on the CPU when the run fits in RAM without it")
     t.add_argument("--output", metavar="NAME", help="the run folder's name under the studio's runs/ (letters, digits, . _ -)")
     t.set_defaults(func=cmd_train)
 

@@ -10,7 +10,11 @@ The pieces, in the order a run uses them:
    ~2 GB on 7-8B models and buys nothing with autocast. The adapters are kept in fp32 (peft's
    default) and run under bf16/fp16 autocast.
 4. `auto_lora` -- rank, alpha (= 2 x rank) and target modules from the architecture, size and task.
-5. `run_training` -- Trainer + `StudioCallback`, which writes metrics, honours a stop request,
+5. `speed_plan` / `PackedBatches` -- gradient checkpointing (off on a CPU with RAM to spare), the
+   attention implementation, and padding-free packed batches where `packing_respected` shows the
+   attention keeps packed examples apart (benchmarks/throughput.py measures each against the usual
+   recipe).
+6. `run_training` -- Trainer + `StudioCallback`, which writes metrics, honours a stop request,
    and keeps the run folder's status true.
 
 Troubleshooting acts inside the run (the findings themselves come from `diagnose`):
@@ -80,7 +84,14 @@ class TrainConfig:
     eval_steps: int | None = None  # about 5 evaluations per run when None
     save_steps: int | None = None  # with each evaluation when None
     logging_steps: int = 1
-    gradient_checkpointing: bool = True
+    # None: decided per run by `speed_plan` (on where memory is tight, off on a CPU with RAM to spare)
+    gradient_checkpointing: bool | None = None
+    # How a step's examples become a batch. packed: concatenated in one row, position ids restarting per
+    # example (no padding at all; used only where the model's attention is checked to keep examples
+    # apart, else grouped); grouped: padded, examples of similar length together; padded: padded,
+    # random order. None: packed.
+    batching: str | None = None
+    attention: str | None = None  # sdpa | eager; None: the faster one for the device (see `speed_plan`)
     optimizer: str | None = None  # paged_adamw_8bit on CUDA, adamw_torch on the CPU when None
     seed: int = 42
     trust_remote_code: bool = False
@@ -148,6 +159,15 @@ class TrainConfig:
             bad("targets", f"{self.targets!r} is not attention, all, or a list of module names")
         if self.device not in (None, "cuda", "cpu"):
             bad("device", f"{self.device!r} is not cuda or cpu")
+        if self.attention not in (None, "sdpa", "eager"):
+            bad("attention", f"{self.attention!r} is not sdpa or eager (or empty for automatic)")
+        if self.batching not in (None, "packed", "grouped", "padded"):
+            bad("batching", f"{self.batching!r} is not packed, grouped or padded (or empty for automatic)")
+        for name in ("double_quant",):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, f"must be true or false, got {getattr(self, name)!r}")
+        if self.gradient_checkpointing is not None and not isinstance(self.gradient_checkpointing, bool):
+            bad("gradient_checkpointing", f"must be true, false or empty (automatic), got {self.gradient_checkpointing!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -274,14 +294,193 @@ def keep_4bit_weights_trainable(model) -> int:
     return restored
 
 
+# ------------------------------------------------------------------ speed
+
+
+@dataclass
+class SpeedPlan:
+    gradient_checkpointing: bool
+    attention: str  # sdpa | eager
+    why: str
+
+
+# benchmarks/throughput.py measured both on the CPU (bf16 autocast, the embedded model): eager attention
+# was faster there (the CPU's fused SDPA kernel is slow in its backward pass); on CUDA SDPA wins.
+AUTO_ATTENTION = {"cpu": "eager", "cuda": "sdpa"}
+
+
+def speed_plan(cfg: TrainConfig, plan: DevicePlan, arch=None, lora: dict | None = None) -> SpeedPlan:
+    """Gradient checkpointing and the attention implementation for a run.
+
+    Checkpointing recomputes each layer's forward pass in the backward pass (about a third more
+    compute) to keep activations small. On a GPU memory is the limit, so it stays on unless the user
+    turns it off; on the CPU it is turned off when the memory estimate without it (``arch``, a
+    `catalog.Architecture`) fits in half of the RAM that is free now."""
+    attention = cfg.attention or AUTO_ATTENTION.get(plan.device, "sdpa")
+    if cfg.gradient_checkpointing is not None:
+        return SpeedPlan(cfg.gradient_checkpointing, attention, "as configured")
+    if plan.device == "cuda":
+        return SpeedPlan(True, attention, "on: GPU memory is the limit")
+    from .hardware import ram_bytes
+
+    _, available = ram_bytes()
+    need = None
+    if arch is not None:
+        from .estimator import estimate
+
+        targets = "attention" if lora and set(lora["targets"]) <= ATTENTION_MODULES else "all"
+        try:
+            need = estimate(arch, method="qlora" if cfg.quant != "none" else "lora",
+                            quant=None if cfg.quant == "none" else cfg.quant, double_quant=cfg.double_quant,
+                            rank=(lora or {}).get("rank") or cfg.rank or 16, targets=targets, batch=cfg.batch_size,
+                            seq=cfg.max_seq_len, grad_checkpointing=False, optimizer=plan.optimizer).total_bytes
+        except Exception:  # an architecture the estimator cannot size
+            need = None
+    if need is None or not available:
+        return SpeedPlan(True, attention, "on: cannot tell whether the run fits in RAM without it")
+    gib = 2 ** 30
+    if need <= available / 2:
+        return SpeedPlan(False, attention, f"off: about {need / gib:.1f} GiB needed without it, "
+                                           f"{available / gib:.1f} GiB of RAM free")
+    return SpeedPlan(True, attention, f"on: about {need / gib:.1f} GiB needed without it, "
+                                      f"only {available / gib:.1f} GiB of RAM free")
+
+
+class PackedBatches:
+    """Collates a step's examples into rows without padding between them.
+
+    Each example's position ids restart at 0, which is how the attention (checked by
+    `packing_respected`) tells them apart. How many rows: attention makes a token's cost grow with the
+    length of its row, so one long row of the whole batch is not always cheapest. For row capacities
+    from the longest example up to the whole batch (doubling), examples are placed first-fit, longest
+    first, and the layout with the lowest ``rows x width x (1 + width / attention_span)`` wins.
+    ``attention_span`` is the row length at which attention costs as much per token as the rest of the
+    model: about 2.2 x hidden size measured on the CPU (eager attention, bf16; one 750-token row of
+    eight SQL examples ran 9% slower than padding them), 6 x hidden size by counting FLOPs for a GPU.
+    The end of a shorter row is filled with pad tokens forming a sequence of their own, with no labels;
+    ``attention_mask`` marks the real tokens for counting only (`StudioTrainer` takes it out before
+    the model sees it, so the packed positions decide the attention)."""
+
+    def __init__(self, pad_id: int, attention_span: float):
+        self.pad_id = pad_id
+        self.attention_span = attention_span
+
+    @staticmethod
+    def _first_fit(lengths: list[int], cap: int) -> tuple[list[list[int]], int]:
+        bins: list[list[int]] = []
+        loads: list[int] = []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            for b, load in enumerate(loads):
+                if load + lengths[i] <= cap:
+                    bins[b].append(i)
+                    loads[b] += lengths[i]
+                    break
+            else:
+                bins.append([i])
+                loads.append(lengths[i])
+        return [sorted(b) for b in bins], max(loads)
+
+    def rows(self, lengths: list[int]) -> list[list[int]]:
+        total, cap = sum(lengths), max(lengths)
+        best = None
+        while True:
+            bins, width = self._first_fit(lengths, cap)
+            cost = len(bins) * width * (1 + width / self.attention_span)
+            if best is None or cost < best[0]:
+                best = (cost, bins)
+            if cap >= total:
+                return best[1]
+            cap = min(total, cap * 2)
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        lengths = [len(f["input_ids"]) for f in features]
+        rows = self.rows(lengths)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        out = {"input_ids": [], "labels": [], "position_ids": [], "attention_mask": []}
+        for row in rows:
+            ids, labels, pos, real = [], [], [], []
+            for i in row:
+                x = list(features[i]["input_ids"])
+                y = list(features[i].get("labels", x))
+                ids += x
+                labels += [-100] + y[1:]
+                pos += range(len(x))
+                real += [1] * len(x)
+            fill = width - len(ids)
+            ids += [self.pad_id] * fill
+            labels += [-100] * fill
+            pos += range(fill)
+            real += [0] * fill
+            for key, values in zip(("input_ids", "labels", "position_ids", "attention_mask"), (ids, labels, pos, real)):
+                out[key].append(values)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def _studio_trainer_class():
+    from transformers import Trainer
+
+    class StudioTrainer(Trainer):
+        """The Trainer, except that a packed batch's ``attention_mask`` (real tokens, for the token
+        count) is taken out before the model sees it: packed rows are told apart by their position ids."""
+
+        packed = False
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if self.packed and "position_ids" in inputs:
+                inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return StudioTrainer
+
+
+def packing_respected(model, vocab_size: int | None = None) -> tuple[bool, str]:
+    """Whether this model's attention keeps packed examples apart (position ids restarting per example).
+
+    Two short sequences go through the model separately and packed in one row. If the packed row's
+    second half matches the separate run far better than a row whose positions run on (attention
+    crossing the boundary), the attention respects the packing."""
+    import torch
+
+    vocab = vocab_size or getattr(model.config, "vocab_size", 1000)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(10, vocab - 1, (1, 12), generator=g)
+    b = torch.randint(10, vocab - 1, (1, 9), generator=g)
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
+    a, b = a.to(device), b.to(device)
+    row = torch.cat([a, b], dim=1)
+    packed_pos = torch.cat([torch.arange(12), torch.arange(9)]).unsqueeze(0).to(device)
+    running_pos = torch.arange(21).unsqueeze(0).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=b, use_cache=False).logits.float()
+            packed = model(input_ids=row, position_ids=packed_pos, use_cache=False).logits[:, 12:].float()
+            crossing = model(input_ids=row, position_ids=running_pos, use_cache=False).logits[:, 12:].float()
+    except Exception as e:  # a model that does not take position ids
+        return False, f"the model failed on a packed row ({type(e).__name__}: {e})"
+    finally:
+        model.train(was_training)
+    err = (packed - alone).abs().max().item()
+    leak = (crossing - alone).abs().max().item()
+    if leak > 0 and err < 0.05 * leak:
+        return True, f"packed logits match separate ones (max diff {err:.3g} vs {leak:.3g} when attention crosses)"
+    return False, (f"{model.config._attn_implementation} attention does not keep packed examples apart "
+                   f"(max diff {err:.3g} vs {leak:.3g} when attention crosses)")
+
+
 def load_base_model(path: str | Path, quant: str, compute_dtype: str, device: str, double_quant: bool = True,
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, attention: str | None = None):
     """The base model: 4-bit (NF4/FP4, double quant) or 16-bit, on the chosen device."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = getattr(torch, compute_dtype)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attention:
+        kwargs["attn_implementation"] = attention
     if quant in ("nf4", "fp4"):
         # Explicit on purpose: BitsAndBytesConfig defaults to FP4, no double quant, fp32 compute.
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -691,7 +890,7 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
            extra_callbacks: list) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, TrainingArguments, set_seed
 
     from .data import prepare_dataset
     from .diagnose import Diagnoser, data_findings
@@ -711,12 +910,31 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
     for finding in data_findings(rep.to_dict(), stored):
         _log_finding(log, finding)
 
-    model = load_base_model(source.path, cfg.quant, plan.compute_dtype, plan.device, cfg.double_quant, cfg.trust_remote_code)
+    speed = speed_plan(cfg, plan)  # the attention choice needs no model; checkpointing is settled below
+    model = load_base_model(source.path, cfg.quant, plan.compute_dtype, plan.device, cfg.double_quant, cfg.trust_remote_code,
+                            attention=speed.attention)
     keep_4bit_weights_trainable(model)
     model.config.use_cache = False
     n_params = count_parameters(model)
     lora = auto_lora(linear_module_names(model), n_params, cfg.task, cfg)
-    if cfg.gradient_checkpointing:
+    try:
+        from .catalog import load_architecture
+
+        arch = load_architecture(source.path)
+    except Exception:  # a model the catalog cannot read: checkpointing stays on
+        arch = None
+    speed = speed_plan(cfg, plan, arch, lora)
+    batching = cfg.batching or "packed"
+    packing = False
+    if batching == "packed":
+        packing, why = packing_respected(model)
+        batching_why = "padding-free packing: " + why if packing else "padded batches grouped by length: " + why
+        batching = "packed" if packing else "grouped"
+    else:
+        batching_why = f"{'padded batches grouped by length' if batching == 'grouped' else 'padded batches'} (as configured)"
+    ckpt_why = speed.why if speed.why.startswith(("on", "off")) else f"{'on' if speed.gradient_checkpointing else 'off'} ({speed.why})"
+    log(f"speed: attention {speed.attention}; gradient checkpointing {ckpt_why}; {batching_why}")
+    if speed.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
         model.enable_input_require_grads()
@@ -736,7 +954,9 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
     resolved = dict(stored)
     resolved.update({"lora": lora, "device_plan": asdict(plan), "trainable_params": trainable, "total_params": n_params,
                      "trainable_share": trainable / n_params, "model_path": str(source.path),
-                     "model_kind": source.kind, "total_steps": total_steps, "eval_steps": eval_steps})
+                     "model_kind": source.kind, "total_steps": total_steps, "eval_steps": eval_steps,
+                     "speed": {"attention": speed.attention, "gradient_checkpointing": speed.gradient_checkpointing,
+                               "gradient_checkpointing_why": speed.why, "packing": packing, "batching": batching, "batching_why": batching_why}})
     run.write_config(resolved)
 
     args = TrainingArguments(
@@ -769,15 +989,25 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
         seed=cfg.seed,
         report_to="none",
         disable_tqdm=True,
+        # Counted by the batch's attention_mask: real tokens only, packed or padded.
         include_num_input_tokens_seen="non_padding",
+        # Without packing, examples of similar length share a batch, so less compute goes to padding.
+        train_sampling_strategy="group_by_length" if batching == "grouped" else "random",
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
+    if packing:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        hidden = getattr(model.config, "hidden_size", None) or 1024
+        collator = PackedBatches(pad_id, attention_span=(2.2 if plan.device == "cpu" else 6.0) * hidden)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     diagnoser = Diagnoser(resolved)
     callback = _make_callback_class()(run, stop_event, plan.device, log, diagnoser)
-    trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+    trainer = _studio_trainer_class()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                      data_collator=collator,
                       processing_class=tokenizer, callbacks=[callback, *extra_callbacks])
+    trainer.packed = packing
     trainer.remove_callback(PrinterCallback)  # our callback logs; the printer would echo raw dicts
     resume_from = None
     if resume:
@@ -839,7 +1069,8 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
     }
     if plan.device == "cuda":
         summary["gpu_total_mb"] = torch.cuda.get_device_properties(0).total_memory / 2**20
-    summary["memory_estimate"] = _estimate_vs_measured(cfg, lora, source.path, plan, summary["peak_memory"], log)
+    summary["memory_estimate"] = _estimate_vs_measured(cfg, lora, source.path, plan, summary["peak_memory"], log,
+                                                       speed.gradient_checkpointing)
     run.write_summary(summary)
     state = "stopped" if callback.stopped else "completed"
     log(f"{state} at step {trainer.state.global_step}: final loss {summary['final_loss']}, "
@@ -847,7 +1078,8 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
     return run.set_status(state, finished_at=time.time(), phase=state, step=trainer.state.global_step)
 
 
-def _estimate_vs_measured(cfg: TrainConfig, lora: dict, model_path: Path, plan: DevicePlan, peak: dict, log) -> dict | None:
+def _estimate_vs_measured(cfg: TrainConfig, lora: dict, model_path: Path, plan: DevicePlan, peak: dict, log,
+                          grad_checkpointing: bool = True) -> dict | None:
     """The estimator's peak for this run's settings next to the measured one; on CUDA the pair is
     recorded so the estimator can calibrate itself to this machine."""
     from .catalog import load_architecture
@@ -859,7 +1091,7 @@ def _estimate_vs_measured(cfg: TrainConfig, lora: dict, model_path: Path, plan: 
         est = estimate(arch, method="qlora" if cfg.quant != "none" else "lora",
                        quant=None if cfg.quant == "none" else cfg.quant, double_quant=cfg.double_quant,
                        rank=lora["rank"], targets=targets, batch=cfg.batch_size, seq=cfg.max_seq_len,
-                       grad_checkpointing=cfg.gradient_checkpointing, optimizer=plan.optimizer,
+                       grad_checkpointing=grad_checkpointing, optimizer=plan.optimizer,
                        compute_dtype="bf16" if plan.compute_dtype == "bfloat16" else "fp16")
     except Exception as e:  # an architecture the estimator does not know: no comparison, no failure
         log(f"no memory estimate for this model ({e})")

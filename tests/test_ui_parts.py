@@ -271,6 +271,33 @@ def test_the_form_builds_the_train_config_and_names_bad_fields():
         TrainConfig.from_dict(settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values(learning_rate=5)))
 
 
+def test_the_speed_settings_on_the_form_and_what_automatic_resolves_to():
+    import yaml
+
+    from qlora_studio.ui.train import preset_values, resolved_yaml, settings_from_form
+
+    values, settings, _ = preset_values("cpu-demo")
+    assert values["gradient_checkpointing"] == values["batching"] == values["attention"] == "auto"
+    auto = settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values())
+    assert auto["gradient_checkpointing"] is None and auto["batching"] is None and auto["attention"] is None
+    forced = settings_from_form(settings, "assets/sql/train.jsonl", "",
+                                _form_values(gradient_checkpointing="on", batching="grouped", attention="sdpa"))
+    assert forced["gradient_checkpointing"] is True and forced["batching"] == "grouped" and forced["attention"] == "sdpa"
+    assert settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values(gradient_checkpointing="off"))[
+        "gradient_checkpointing"] is False
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values(gradient_checkpointing="maybe"))
+    text = resolved_yaml(settings, "assets/sql/train.jsonl", "", *_form_values())
+    resolved = yaml.safe_load(text)["automatic"]
+    # this machine has no GPU: eager attention, and checkpointing off because the demo fits in RAM
+    assert resolved["attention"] == "eager" and resolved["gradient_checkpointing"].startswith("off: about")
+    assert resolved["batching"].startswith("packed")
+    gpu_gb = float(resolved["estimated_gpu_peak"].split()[0])
+    on = yaml.safe_load(resolved_yaml(settings, "assets/sql/train.jsonl", "",
+                                      *_form_values(gradient_checkpointing="on")))["automatic"]
+    assert float(on["estimated_gpu_peak"].split()[0]) == gpu_gb  # a GPU's estimate keeps checkpointing on
+
+
 def test_log_tail_leaves_tracebacks_out(tmp_path):
     from qlora_studio.ui.common import tail_lines
 

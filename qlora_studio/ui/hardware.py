@@ -208,7 +208,7 @@ def wire(ctx) -> None:
         arch = _arch(model_name)
         hub = next((h for h in arch.hub_ids if h.lower().endswith("-instruct")), arch.hub_ids[0] if arch.hub_ids else arch.name)
         model = "embedded" if arch.name == EMBEDDED_ARCH else hub
-        return (model, quant, int(rank), targets, int(batch), int(seq), bool(ckpt), gr.Tabs(selected="train"),
+        return (model, quant, int(rank), targets, int(batch), int(seq), "on" if ckpt else "off", gr.Tabs(selected="train"),
                 notice(f"Settings from the plan: {model}, {quant}, rank {int(rank)} on {targets}, batch {int(batch)} x "
                        f"{int(seq)} tokens. Pick your data and press Start.", "info"))
 

@@ -166,7 +166,8 @@ class RunView:
                            quant=None if quant == "none" else quant, double_quant=config.get("double_quant", True),
                            rank=lora["rank"], targets=targets, batch=config.get("batch_size", 1),
                            seq=config.get("max_seq_len", 512),
-                           grad_checkpointing=config.get("gradient_checkpointing", True),
+                           grad_checkpointing=(config.get("speed") or {}).get(
+                               "gradient_checkpointing", config.get("gradient_checkpointing") is not False),
                            optimizer=plan.get("optimizer", "paged_adamw_8bit"),
                            compute_dtype="bf16" if plan.get("compute_dtype") == "bfloat16" else "fp16")
             self.estimate_mb = est.total_bytes / 2**20

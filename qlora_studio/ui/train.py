@@ -39,9 +39,12 @@ FIELDS = [
     ("rank", "int?"), ("alpha", "int?"), ("targets", "choice"), ("lora_dropout", "float"),
     ("learning_rate", "float"), ("epochs", "float"), ("max_steps", "int?"), ("warmup_ratio", "float"),
     ("batch_size", "int"), ("grad_accum", "int"), ("max_seq_len", "int"), ("eval_fraction", "float"),
-    ("gradient_checkpointing", "bool"), ("optimizer", "choice"), ("device", "choice"), ("seed", "int"),
+    ("gradient_checkpointing", "onoff"), ("batching", "choice"), ("attention", "choice"),
+    ("optimizer", "choice"), ("device", "choice"), ("seed", "int"),
 ]
-CHOICE_AUTO = {"task": "none", "targets": AUTO, "optimizer": AUTO, "device": AUTO}
+CHOICE_AUTO = {"task": "none", "targets": AUTO, "optimizer": AUTO, "device": AUTO, "gradient_checkpointing": AUTO,
+               "batching": AUTO, "attention": AUTO}
+ONOFF = {"on": True, "off": False}
 
 
 def _presets():
@@ -63,6 +66,8 @@ def preset_values(name: str) -> tuple[dict, dict, str]:
             v = CHOICE_AUTO[field]
         if kind == "int?" and v is None:
             v = 0
+        if kind == "onoff" and isinstance(v, bool):
+            v = "on" if v else "off"
         values[field] = v
     values["data"] = display_path(settings.get("data", ""))
     return values, settings, p.description
@@ -87,8 +92,12 @@ def settings_from_form(preset_settings: dict, data: str, name: str, values: list
             if v in (None, ""):
                 raise ValueError(f"{field}: needs a number")
             v = float(v)
-        elif kind == "choice" and v == CHOICE_AUTO.get(field):
+        elif kind in ("choice", "onoff") and v == CHOICE_AUTO.get(field):
             v = None
+        elif kind == "onoff":
+            if v not in ONOFF:
+                raise ValueError(f"{field}: {v!r} is not auto, on or off")
+            v = ONOFF[v]
         elif kind == "str":
             v = (v or "").strip()
         settings[field] = v
@@ -139,12 +148,25 @@ def resolved_yaml(preset_settings, data, name, *values) -> str:
         auto["lora"] = {"rank": lora["rank"], "alpha": lora["alpha"], "targets": lora["targets"]}
         if lora["why"]:
             auto["lora"]["why"] = lora["why"]
+        from ..training import speed_plan
+
+        speed = speed_plan(cfg, plan, arch, lora) if plan else None
+        if speed:
+            auto["attention"] = speed.attention
+            auto["gradient_checkpointing"] = speed.why if speed.why.startswith(("on", "off")) else (
+                "on" if speed.gradient_checkpointing else "off")
+        if not cfg.batching:
+            auto["batching"] = ("packed (no padding) where the model's attention keeps examples apart, checked when "
+                                "it loads; otherwise padded and grouped by length")
         targets = "attention" if set(lora["targets"]) <= _attention(arch) else "all"
         optimizer = cfg.optimizer if cfg.optimizer in ("paged_adamw_8bit", "adamw_8bit", "adamw_torch") else "paged_adamw_8bit"
         est = estimate(arch, method="qlora" if cfg.quant != "none" else "lora",
                        quant=None if cfg.quant == "none" else cfg.quant, double_quant=cfg.double_quant,
                        rank=lora["rank"], targets=targets, batch=cfg.batch_size, seq=cfg.max_seq_len,
-                       grad_checkpointing=cfg.gradient_checkpointing, optimizer=optimizer)
+                       # a GPU's peak: with checkpointing unless it was turned off (the CPU's choice is not a GPU's)
+                       grad_checkpointing=(speed.gradient_checkpointing if speed and plan.device == "cuda"
+                                           else cfg.gradient_checkpointing is not False),
+                       optimizer=optimizer)
         auto["estimated_gpu_peak"] = f"{est.total_bytes / 2**30:.2f} GiB" + ("" if plan and plan.device == "cuda" else " (on a GPU)")
     except Exception as e:
         from .common import friendly
@@ -412,8 +434,13 @@ def build(ctx) -> None:
                                            elem_id="f-seq")
                     ctx.tr_eval = gr.Number(label="eval fraction", value=values["eval_fraction"], elem_id="f-eval")
                 with gr.Row():
-                    ctx.tr_ckpt = gr.Checkbox(label="gradient checkpointing", value=values["gradient_checkpointing"],
-                                              elem_id="f-ckpt")
+                    ctx.tr_ckpt = gr.Dropdown(label="gradient checkpointing", choices=[AUTO, "on", "off"],
+                                              value=values["gradient_checkpointing"], elem_id="f-ckpt")
+                    ctx.tr_batching = gr.Dropdown(label="batching", choices=[AUTO, "packed", "grouped", "padded"],
+                                                  value=values["batching"], elem_id="f-batching")
+                    ctx.tr_attention = gr.Dropdown(label="attention", choices=[AUTO, "sdpa", "eager"],
+                                                   value=values["attention"], elem_id="f-attention")
+                with gr.Row():
                     ctx.tr_optim = gr.Dropdown(label="optimizer", choices=[AUTO, "paged_adamw_8bit", "adamw_8bit", "adamw_torch"],
                                                value=values["optimizer"])
                     ctx.tr_device = gr.Dropdown(label="device", choices=[AUTO, "cuda", "cpu"], value=values["device"])
@@ -423,7 +450,7 @@ def build(ctx) -> None:
                                           elem_id="resolved", lines=18, max_lines=44)
     ctx.tr_fields = [ctx.tr_model, ctx.tr_task, ctx.tr_quant, ctx.tr_dq, ctx.tr_rank, ctx.tr_alpha, ctx.tr_targets,
                      ctx.tr_dropout, ctx.tr_lr, ctx.tr_epochs, ctx.tr_max_steps, ctx.tr_warmup, ctx.tr_batch, ctx.tr_accum,
-                     ctx.tr_seq, ctx.tr_eval, ctx.tr_ckpt, ctx.tr_optim, ctx.tr_device, ctx.tr_seed]
+                     ctx.tr_seq, ctx.tr_eval, ctx.tr_ckpt, ctx.tr_batching, ctx.tr_attention, ctx.tr_optim, ctx.tr_device, ctx.tr_seed]
     assert len(ctx.tr_fields) == len(FIELDS)
     ctx.tr_notice = gr.HTML(elem_id="train-notice")
 
