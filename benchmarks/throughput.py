@@ -49,7 +49,6 @@ CONFIGS = {
     "+ no gradient checkpointing": ("ours", dict(BASE_OURS, gradient_checkpointing=False)),
     "ours": ("ours", {}),  # as shipped: every setting automatic
 }
-SHORT = {"reference": "reference", "ours": "ours"}
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -134,8 +133,6 @@ def run_reference(a, data: Path, model_path: Path) -> dict:
 def run_ours(a, data: Path, model_path: Path, overrides: dict) -> dict:
     from qlora_studio.runs import RunFolder
     from qlora_studio.training import TrainConfig, prepare_run, run_training
-
-    from qlora_studio.training import linear_module_names  # noqa: F401  (same targets as the reference: all linear)
 
     cfg = TrainConfig(model=str(model_path), data=str(data), data_format="text", quant="nf4", rank=LORA["r"],
                       alpha=LORA["alpha"], targets="all", lora_dropout=LORA["dropout"], learning_rate=2e-4,

@@ -163,9 +163,8 @@ class TrainConfig:
             bad("attention", f"{self.attention!r} is not sdpa or eager (or empty for automatic)")
         if self.batching not in (None, "packed", "grouped", "padded"):
             bad("batching", f"{self.batching!r} is not packed, grouped or padded (or empty for automatic)")
-        for name in ("double_quant",):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, f"must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.double_quant, bool):
+            bad("double_quant", f"must be true or false, got {self.double_quant!r}")
         if self.gradient_checkpointing is not None and not isinstance(self.gradient_checkpointing, bool):
             bad("gradient_checkpointing", f"must be true, false or empty (automatic), got {self.gradient_checkpointing!r}")
 
@@ -326,14 +325,8 @@ def speed_plan(cfg: TrainConfig, plan: DevicePlan, arch=None, lora: dict | None 
     _, available = ram_bytes()
     need = None
     if arch is not None:
-        from .estimator import estimate
-
-        targets = "attention" if lora and set(lora["targets"]) <= ATTENTION_MODULES else "all"
         try:
-            need = estimate(arch, method="qlora" if cfg.quant != "none" else "lora",
-                            quant=None if cfg.quant == "none" else cfg.quant, double_quant=cfg.double_quant,
-                            rank=(lora or {}).get("rank") or cfg.rank or 16, targets=targets, batch=cfg.batch_size,
-                            seq=cfg.max_seq_len, grad_checkpointing=False, optimizer=plan.optimizer).total_bytes
+            need = run_estimate(cfg, arch, lora, plan, grad_checkpointing=False).total_bytes
         except Exception:  # an architecture the estimator cannot size
             need = None
     if need is None or not available:
@@ -435,7 +428,19 @@ def _studio_trainer_class():
     return StudioTrainer
 
 
-def packing_respected(model, vocab_size: int | None = None) -> tuple[bool, str]:
+def run_estimate(cfg: TrainConfig, arch, lora: dict | None, plan: DevicePlan, grad_checkpointing: bool):
+    """The memory estimator's figure for this run's settings (``arch``: a `catalog.Architecture`)."""
+    from .estimator import estimate
+
+    targets = "attention" if lora and set(lora["targets"]) <= ATTENTION_MODULES else "all"
+    return estimate(arch, method="qlora" if cfg.quant != "none" else "lora",
+                    quant=None if cfg.quant == "none" else cfg.quant, double_quant=cfg.double_quant,
+                    rank=(lora or {}).get("rank") or cfg.rank or 16, targets=targets, batch=cfg.batch_size,
+                    seq=cfg.max_seq_len, grad_checkpointing=grad_checkpointing, optimizer=plan.optimizer,
+                    compute_dtype="bf16" if plan.compute_dtype == "bfloat16" else "fp16")
+
+
+def packing_respected(model) -> tuple[bool, str]:
     """Whether this model's attention keeps packed examples apart (position ids restarting per example).
 
     Two short sequences go through the model separately and packed in one row. If the packed row's
@@ -443,7 +448,7 @@ def packing_respected(model, vocab_size: int | None = None) -> tuple[bool, str]:
     crossing the boundary), the attention respects the packing."""
     import torch
 
-    vocab = vocab_size or getattr(model.config, "vocab_size", 1000)
+    vocab = getattr(model.config, "vocab_size", 1000)
     g = torch.Generator().manual_seed(0)
     a = torch.randint(10, vocab - 1, (1, 12), generator=g)
     b = torch.randint(10, vocab - 1, (1, 9), generator=g)
@@ -1069,7 +1074,7 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
     }
     if plan.device == "cuda":
         summary["gpu_total_mb"] = torch.cuda.get_device_properties(0).total_memory / 2**20
-    summary["memory_estimate"] = _estimate_vs_measured(cfg, lora, source.path, plan, summary["peak_memory"], log,
+    summary["memory_estimate"] = _estimate_vs_measured(cfg, lora, arch, plan, summary["peak_memory"], log,
                                                        speed.gradient_checkpointing)
     run.write_summary(summary)
     state = "stopped" if callback.stopped else "completed"
@@ -1078,21 +1083,16 @@ def _train(run: RunFolder, cfg: TrainConfig, plan: DevicePlan, stored: dict, sto
     return run.set_status(state, finished_at=time.time(), phase=state, step=trainer.state.global_step)
 
 
-def _estimate_vs_measured(cfg: TrainConfig, lora: dict, model_path: Path, plan: DevicePlan, peak: dict, log,
-                          grad_checkpointing: bool = True) -> dict | None:
+def _estimate_vs_measured(cfg: TrainConfig, lora: dict, arch, plan: DevicePlan, peak: dict, log,
+                          grad_checkpointing: bool) -> dict | None:
     """The estimator's peak for this run's settings next to the measured one; on CUDA the pair is
     recorded so the estimator can calibrate itself to this machine."""
-    from .catalog import load_architecture
-    from .estimator import estimate, record_measurement
+    from .estimator import record_measurement
 
     try:
-        arch = load_architecture(model_path)
-        targets = "all" if len(lora["targets"]) > len([t for t in lora["targets"] if t in ATTENTION_MODULES]) else "attention"
-        est = estimate(arch, method="qlora" if cfg.quant != "none" else "lora",
-                       quant=None if cfg.quant == "none" else cfg.quant, double_quant=cfg.double_quant,
-                       rank=lora["rank"], targets=targets, batch=cfg.batch_size, seq=cfg.max_seq_len,
-                       grad_checkpointing=grad_checkpointing, optimizer=plan.optimizer,
-                       compute_dtype="bf16" if plan.compute_dtype == "bfloat16" else "fp16")
+        if arch is None:
+            raise ValueError("the catalog cannot read its config")
+        est = run_estimate(cfg, arch, lora, plan, grad_checkpointing)
     except Exception as e:  # an architecture the estimator does not know: no comparison, no failure
         log(f"no memory estimate for this model ({e})")
         return None
