@@ -72,6 +72,39 @@ def process_cpu_seconds(pid: int) -> float:
     return t.user + t.system
 
 
+class CpuSampler:
+    """Samples the browser's and the app's CPU seconds twice a second in a thread, so a run's share can be
+    taken over its training steps alone (from metrics.jsonl's timestamps), leaving out the form filling,
+    model loading and saving around them."""
+
+    def __init__(self, server_pid: int):
+        import threading
+
+        self.pid, self.samples, self.stop = server_pid, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.wait(0.5):
+            try:
+                self.samples.append((time.time(), browser_cpu_seconds(), process_cpu_seconds(self.pid)))
+            except Exception:  # the server is gone: nothing left to sample
+                return
+
+    def share(self, t0: float, t1: float) -> tuple[float, float]:
+        """(browser, app) CPU use between two wall-clock times, in cores."""
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        if len(inside) < 2:
+            return float("nan"), float("nan")
+        (a, b0, s0), (z, b1, s1) = inside[0], inside[-1]
+        return (b1 - b0) / (z - a), (s1 - s0) / (z - a)
+
+
+def training_window(run: Path) -> tuple[float, float]:
+    times = [json.loads(line)["time"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    return times[0], times[-1]
+
+
 def cli_run(env: dict, name: str, a, page) -> tuple[float, float]:
     page.goto("about:blank")  # someone training from the terminal has no page of the app open
     cmd = [sys.executable, "-m", "qlora_studio.cli", "train", "--preset", "cpu-demo", "--max-steps", str(a.steps),
@@ -139,12 +172,14 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     results = {"cli": [], "app": []}
+    shares = {"cli": [], "app": []}
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         t0 = time.monotonic()
         server = subprocess.Popen([sys.executable, "-m", "qlora_studio.cli", "serve", "--port", str(port)], cwd=ROOT,
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sampler = CpuSampler(server.pid)
         try:
             while True:
                 try:
@@ -170,9 +205,13 @@ def main() -> int:
                         first = False
                     results[side].append(out)
                     wall = time.monotonic() - t
-                    print(f"  round {r} {side:3s}: {out[0]:6.1f} tokens/s (summary), {out[1]:6.1f} steady "
-                          f"({wall:.0f} s wall; the browser used {(browser_cpu_seconds() - b0) / wall:.0%} of a core, the app's process {(process_cpu_seconds(server.pid) - s0) / wall:.0%})", flush=True)
+                    during = sampler.share(*training_window(Path(env["QLORA_STUDIO_HOME"]) / "runs" / name))
+                    shares[side].append(during)
+                    print(f"  round {r} {side:3s}: {out[0]:6.1f} tokens/s (summary), {out[1]:6.1f} steady ({wall:.0f} s wall); "
+                          f"while it trained the browser used {during[0]:.1%} of a core and the app's process "
+                          f"{during[1]:.0%} (whole run: browser {(browser_cpu_seconds() - b0) / wall:.0%})", flush=True)
         finally:
+            sampler.stop.set()
             server.send_signal(signal.SIGINT)
             try:
                 server.wait(60)
@@ -190,6 +229,9 @@ def main() -> int:
           f"page {'open on the Train tab' if a.page == 'train' else 'closed'} during the app's runs")
     print(f"CLI {cli_s:.1f} tokens/s, app {app_s:.1f} tokens/s: app/CLI = {app_s / cli_s:.3f} (summary); "
           f"steady {cli_st:.1f} vs {app_st:.1f}: {app_st / cli_st:.3f}")
+    app_b = mean([x[0] for x in shares["app"]])
+    print(f"while training, the browser used {app_b:.1%} of a core during the app's runs "
+          f"({mean([x[0] for x in shares['cli']]):.1%} during the CLI's)")
     print(f"load average before {load_before[0]:.2f} / {load_before[1]:.2f}, after {load_after[0]:.2f} / {load_after[1]:.2f}"
           f" (1 / 5 min; {os.cpu_count()} CPUs)")
     print(f"runs in {home}")

@@ -118,9 +118,11 @@ def shot(page, name: str) -> None:
 
 
 def plot_points(page, elem_id: str, trace: int = 0) -> int:
+    """Points plotly drew in one trace (its full data: curves are sent as typed arrays)."""
     return page.evaluate(
         """([id, i]) => { const el = document.querySelector('#' + id + ' .js-plotly-plot');
-                         return el && el.data && el.data[i] && el.data[i].x ? el.data[i].x.length : 0; }""",
+                         const t = el && el._fullData && el._fullData[i];
+                         return t && t.x ? t.x.length : 0; }""",
         [elem_id, trace])
 
 
@@ -161,6 +163,32 @@ def test_page_loads_with_the_cpu_notice_and_memory_chart(page, server):
     assert "Estimated peak" in title()
     assert page.locator("#memory-verdict .qs-notice").count() == 1
     shot(page, "hardware")
+
+
+def test_an_idle_page_asks_for_few_frames(browser, server):
+    """Gradio's progress timer keeps asking for a frame 60 times a second once the page has loaded (the
+    page-loading tracker is removed while still pending); the app's page script slows that loop down.
+    Counts the frames the page requests from the browser while it sits idle on the Hardware tab."""
+    idle = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        idle.add_init_script("""(() => {
+            const raf = window.requestAnimationFrame.bind(window); window.__frames = {};
+            window.requestAnimationFrame = (cb) => {
+                const at = String(new Error().stack).split('\\n').slice(2, 4).join(' < ');
+                window.__frames[at] = (window.__frames[at] || 0) + 1; return raf(cb); }; })()""")
+        idle.goto(server.url)
+        idle.wait_for_selector("#memory-chart .js-plotly-plot")
+        counts = []  # frames asked for in successive 3-second windows: once loading is over, a quiet page
+        for _ in range(8):  # asks for a few (the progress timer's once a second); without the script, ~180
+            idle.evaluate("() => { window.__frames = {}; }")
+            idle.wait_for_timeout(3000)
+            frames = idle.evaluate("() => window.__frames")
+            counts.append(sum(frames.values()))
+            if counts[-1] <= 6:
+                break
+        assert counts[-1] <= 6, f"an idle page asked for {counts} frames in successive 3 s windows; the last: {frames}"
+    finally:
+        idle.close()
 
 
 def test_sample_data_previews(page):

@@ -62,6 +62,49 @@ def test_gradio_is_imported_only_inside_the_ui_package():
     assert offenders == []
 
 
+def test_the_page_script_goes_first_in_the_page_head_and_nowhere_else():
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from qlora_studio.ui.app import FRAME_GUARD, PageScript
+
+    page = "<!doctype html><html><head><title>t</title><script type=module src=a.js></script></head><body>x</body></html>"
+    app = Starlette(routes=[Route("/", lambda r: HTMLResponse(page)), Route("/config", lambda r: JSONResponse({"a": 1})),
+                            Route("/assets/", lambda r: PlainTextResponse("<head>"))],
+                    middleware=[Middleware(PageScript, script=FRAME_GUARD)])
+    client = TestClient(app)
+    r = client.get("/")
+    head = r.text.split("<head>", 1)[1]
+    assert head.startswith("<script>" + FRAME_GUARD + "</script><title>")  # before Gradio's module script
+    assert int(r.headers["content-length"]) == len(r.content)
+    assert client.get("/config").json() == {"a": 1}
+    assert client.get("/assets/").text == "<head>"  # not HTML: untouched
+
+
+def test_curves_go_to_the_browser_as_typed_arrays():
+    import base64
+    import math
+    import struct
+
+    from qlora_studio.ui.common import typed_array
+
+    spec = typed_array([1, 2.5, None, 4])
+    assert spec["dtype"] == "f8"
+    values = struct.unpack("<4d", base64.b64decode(spec["bdata"]))  # plotly.js reads little-endian float64
+    assert values[:2] == (1.0, 2.5) and math.isnan(values[2]) and values[3] == 4.0
+
+
+def test_figures_carry_a_small_template():
+    from qlora_studio.ui.live import empty_figure
+
+    fig = json.loads(empty_figure("Loss", "nothing yet").to_json())
+    template = json.dumps(fig["layout"]["template"])
+    assert len(template) < 1500 and "colorscale" not in template and fig["layout"]["template"]["layout"]["plot_bgcolor"] == "white"
+
+
 # ------------------------------------------------------------------ the live view
 
 
@@ -76,6 +119,17 @@ def test_series_stays_bounded_and_keeps_the_newest_point():
     assert xs == sorted(xs) and len(s) == 10_000
     s.add(10_000, None)  # missing values are skipped
     assert s.points()[0][-1] == 9_999
+
+
+def _values(spec: dict) -> list:
+    """A plotly typed array (as the figures send curves) back to numbers; NaN (a gap) as None."""
+    import base64
+    import math
+    import struct
+
+    assert spec["dtype"] == "f8"
+    raw = base64.b64decode(spec["bdata"])
+    return [None if math.isnan(v) else v for v in struct.unpack(f"<{len(raw) // 8}d", raw)]
 
 
 def _append(path: Path, records: list[dict]) -> None:
@@ -106,14 +160,14 @@ def test_run_view_reads_only_what_was_appended(tmp_path):
     assert view.seconds_per_step() == pytest.approx(1.0)
     loss_json, dyn_json = view.figures({})
     loss_fig, dyn_fig = json.loads(loss_json), json.loads(dyn_json)
-    assert loss_fig["data"][0]["x"] == [1, 2, 3, 4, 5] and loss_fig["data"][1]["name"] == "eval loss"
-    assert loss_fig["data"][1]["y"] == [0.5]
+    assert _values(loss_fig["data"][0]["x"]) == [1, 2, 3, 4, 5] and loss_fig["data"][1]["name"] == "eval loss"
+    assert _values(loss_fig["data"][1]["y"]) == [0.5]
     assert view.figures({})[0] is loss_json  # built once per change, shared by every page
     assert dyn_fig["layout"]["annotations"][3]["text"].startswith("process memory")
-    assert dyn_fig["data"][2]["y"] == [100.0] * 5
+    assert _values(dyn_fig["data"][2]["y"]) == [100.0] * 5
     _append(run / "metrics.jsonl", [{"type": "train", "step": 6, "time": 1006.0, "loss": float("nan")}])
     view.refresh()
-    assert json.loads(view.figures({})[0])["data"][0]["y"][-1] is None  # NaN: a gap, and valid JSON
+    assert _values(json.loads(view.figures({})[0])["data"][0]["y"])[-1] is None  # NaN: a gap (valid JSON)
 
 
 def test_run_view_starts_over_when_a_resume_rewrites_the_metrics(tmp_path):

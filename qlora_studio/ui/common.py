@@ -5,14 +5,17 @@ Nothing here imports gradio, so it can be tested (and reused) without a browser.
 
 from __future__ import annotations
 
+import base64
 import functools
 import html
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,6 +34,41 @@ SAMPLES = {
     "SQL questions over the sample warehouse (assets/sql/train.jsonl)": PROJECT_DIR / "assets" / "sql" / "train.jsonl",
     "Kitchen-assistant chats (assets/chat/train.jsonl)": PROJECT_DIR / "assets" / "chat" / "train.jsonl",
 }
+# Plotly's "plotly_white" look, only the parts our figures use. The full template adds ~550 values to
+# every figure, and Gradio copies every figure on the page value by value at each event (a live run
+# polls every few seconds), so its size is paid in the browser again and again.
+_AXIS = {"gridcolor": "#EBF0F8", "linecolor": "#EBF0F8", "zerolinecolor": "#EBF0F8", "zerolinewidth": 2, "ticks": "",
+         "automargin": True, "title": {"standoff": 15}}
+PLOT_TEMPLATE = {
+    "layout": {"paper_bgcolor": "white", "plot_bgcolor": "white", "font": {"color": "#2a3f5f"}, "hovermode": "closest",
+               "hoverlabel": {"align": "left"}, "title": {"x": 0.05}, "xaxis": _AXIS, "yaxis": _AXIS,
+               "colorway": ["#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3"]},
+    "data": {"bar": [{"marker": {"line": {"color": "white", "width": 0.5}}}]},
+}
+
+
+def plot_template() -> str:
+    """The name of PLOT_TEMPLATE among plotly's templates (registered on first use). A figure takes it by
+    name: a dict given to `update_layout` would be merged into plotly's default template, not replace it."""
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    if "qlora_studio" not in pio.templates:
+        pio.templates["qlora_studio"] = go.layout.Template(PLOT_TEMPLATE)
+    return "qlora_studio"
+
+
+def typed_array(values) -> dict:
+    """Numbers as a plotly typed array (float64, base64): the browser copies one string instead of one
+    value per point. None becomes NaN, which plotly draws as a gap."""
+    import array
+
+    arr = array.array("d", (math.nan if v is None else float(v) for v in values))
+    if sys.byteorder != "little":  # plotly.js reads little-endian
+        arr.byteswap()
+    return {"dtype": "f8", "bdata": base64.b64encode(arr.tobytes()).decode("ascii")}
+
+
 DEFAULT_MODEL = "embedded"
 # Models offered in dropdowns (any other Hub id, folder or .gguf can be typed).
 MODEL_CHOICES = [

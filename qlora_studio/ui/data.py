@@ -9,7 +9,7 @@ import gradio as gr
 
 from ..data import IGNORE_INDEX, assistant_spans, load_examples, tokenize_example
 from .common import (DATA_SUFFIXES, MAX_UPLOAD_MB, MODEL_CHOICES, SAMPLES, data_choices, display_path, esc,
-                     keep_upload, notice, resolve_data_path, safe, tokenizer_for)
+                     keep_upload, notice, plot_template, resolve_data_path, safe, tokenizer_for)
 
 MAX_TOKENIZED = 5000  # rows tokenized for the histogram (a random-free prefix of the file)
 PREVIEW_ROWS = 25
@@ -46,10 +46,12 @@ def preview_table(examples):
 def length_histogram(lengths: list[int], max_len: int, truncated: int):
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Histogram(x=lengths, nbinsx=40, marker_color="#4f46e5", name="examples"))
+    import numpy as np
+
+    fig = go.Figure(go.Histogram(x=np.asarray(lengths, dtype=np.int32), nbinsx=40, marker_color="#4f46e5", name="examples"))
     fig.add_vline(x=max_len, line=dict(color="#ef4444", width=2, dash="dash"),
                   annotation_text=f"cut-off {max_len}", annotation_position="top right")
-    fig.update_layout(height=300, template="plotly_white", margin=dict(l=48, r=16, t=48, b=40), bargap=0.05,
+    fig.update_layout(height=300, template=plot_template(), margin=dict(l=48, r=16, t=48, b=40), bargap=0.05,
                       xaxis_title="tokens per example (before the cut-off)", yaxis_title="examples",
                       title=f"Token lengths: {truncated} of {len(lengths)} over the cut-off" if truncated
                       else f"Token lengths: all {len(lengths)} fit")

@@ -9,7 +9,7 @@ import gradio as gr
 from ..catalog import CATALOG, catalog_names
 from ..estimator import BREAKDOWN_KEYS, HEADROOM, estimate, recommend
 from ..hardware import CPU_STATEMENT, GPU_CATALOG, describe_machine
-from .common import EMBEDDED_ARCH, esc, gib, notice, safe
+from .common import EMBEDDED_ARCH, esc, gib, notice, plot_template, safe
 
 DEFAULT_PLAN_CARD = "RTX 3060 12 GB"  # planned for when this machine has no GPU
 SEQ_CHOICES = [128, 256, 512, 1024, 2048, 4096]
@@ -115,7 +115,7 @@ def memory_chart(card_label, model_name, quant, rank, batch, seq, targets, check
     fig.add_annotation(x=usable / (1 + HEADROOM) / 2**30, y=0.0, yref="paper", yanchor="top", xanchor="right",
                        showarrow=False, text="80% ", font=dict(size=11, color="#6b7280"))
     xmax = max(total, est.total_bytes) / 2**30 * 1.1
-    fig.update_layout(barmode="stack", height=290, template="plotly_white", xaxis=dict(title="GiB", range=[0, xmax]),
+    fig.update_layout(barmode="stack", height=290, template=plot_template(), xaxis=dict(title="GiB", range=[0, xmax]),
                       yaxis=dict(visible=False), margin=dict(l=16, r=16, t=70, b=90),
                       legend=dict(orientation="h", yanchor="top", y=-0.45, x=0),
                       title=dict(text=f"Estimated peak: {est.total_bytes / 2**30:.2f} GiB of {total / 2**30:.0f} GiB",

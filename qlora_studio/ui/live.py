@@ -20,7 +20,7 @@ from collections import deque
 from pathlib import Path
 
 from ..runs import read_metrics_from
-from .common import read_json
+from .common import plot_template, read_json, typed_array
 
 CAP = 400
 
@@ -217,7 +217,7 @@ live_runs = LiveRuns()
 
 # ------------------------------------------------------------------ figures
 
-_LAYOUT = dict(margin=dict(l=56, r=16, t=48, b=40), template="plotly_white",
+_LAYOUT = dict(margin=dict(l=56, r=16, t=48, b=40),
                legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1))
 
 
@@ -225,7 +225,7 @@ def empty_figure(title: str, message: str, height: int = 320):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    fig.update_layout(title=title, height=height, **_LAYOUT)
+    fig.update_layout(title=title, height=height, template=plot_template(), **_LAYOUT)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
@@ -249,7 +249,7 @@ def _fill(skeleton: dict, series: list[Series]) -> str:
     data = []
     for trace, s in zip(skeleton["data"], series):
         xs, ys = s.points()
-        data.append(dict(trace, x=xs, y=ys))
+        data.append(dict(trace, x=typed_array(xs), y=typed_array(ys)))
     return json.dumps({"data": data, "layout": skeleton["layout"]}, separators=(",", ":"))
 
 
@@ -268,7 +268,7 @@ def loss_figure(view: RunView) -> str:
         if has_eval:
             fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="eval loss",
                                      line=dict(color="#f97316", width=2, dash="dot"), marker=dict(size=8)))
-        fig.update_layout(title="Loss", height=340, xaxis_title="step", **_LAYOUT)
+        fig.update_layout(title="Loss", height=340, xaxis_title="step", template=plot_template(), **_LAYOUT)
         return fig
 
     return _fill(_skeleton(("loss", has_eval, mode), build), [view.loss, view.eval_loss])
@@ -289,7 +289,7 @@ def dynamics_figure(view: RunView, estimate_mb: float | None = None) -> str:
         if estimate_mb:
             fig.add_hline(y=estimate_mb, line=dict(color="#6b7280", dash="dash"), row=2, col=2,
                           annotation_text=f"estimated {estimate_mb / 1024:.1f} GiB", annotation_position="bottom right")
-        fig.update_layout(height=420, **{**_LAYOUT, "margin": dict(l=56, r=16, t=40, b=36)})
+        fig.update_layout(height=420, template=plot_template(), **{**_LAYOUT, "margin": dict(l=56, r=16, t=40, b=36)})
         fig.update_xaxes(title_text="step", row=2)
         return fig
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import gradio as gr
 
 from ..manager import RunBusy, get_manager
-from .common import display_path, esc, fmt_duration, fmt_num, notice, read_json, run_folder, safe
+from .common import (display_path, esc, fmt_duration, fmt_num, notice, plot_template, read_json, run_folder, safe,
+                     typed_array)
 from .live import empty_figure, live_runs
 
 PALETTE = ["#4f46e5", "#f97316", "#10b981", "#ef4444", "#0ea5e9", "#8b5cf6", "#eab308", "#14b8a6"]
@@ -64,12 +65,13 @@ def overlay(selected):
         view.refresh()
         color = PALETTE[i % len(PALETTE)]
         xs, ys = view.loss.points()
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{name} train", line=dict(color=color, width=2)))
+        fig.add_trace(go.Scatter(x=typed_array(xs), y=typed_array(ys), mode="lines", name=f"{name} train",
+                                 line=dict(color=color, width=2)))
         if len(view.eval_loss):
             xs, ys = view.eval_loss.points()
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"{name} eval",
+            fig.add_trace(go.Scatter(x=typed_array(xs), y=typed_array(ys), mode="lines+markers", name=f"{name} eval",
                                      line=dict(color=color, dash="dot")))
-    fig.update_layout(title="Loss", height=360, template="plotly_white", xaxis_title="step",
+    fig.update_layout(title="Loss", height=360, template=plot_template(), xaxis_title="step",
                       margin=dict(l=56, r=16, t=48, b=40), legend=dict(orientation="h", y=-0.25))
     keys = sorted({k for c in configs.values() for k in c if k not in NOT_SETTINGS})
     rows = []

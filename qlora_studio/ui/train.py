@@ -25,11 +25,14 @@ from .findings import diagnosis_module, findings_html, fix_choices, run_diagnosi
 from .live import empty_figure, live_runs
 
 DEFAULT_PRESET = "cpu-demo"
-# How often an open page asks for news (progress line, log tail, findings). While a run trains it gets new
-# curves at most every PLOT_EVERY_S: drawing the curves is the browser's biggest cost, and on a CPU-only
-# machine the browser shares the cores with training (benchmarks/app_vs_cli.py measures both).
-POLL_SECONDS = 3.0
-PLOT_EVERY_S = 12.0
+# How often an open page asks for news (progress line, log tail, findings), and how often it redraws the
+# curves of a run that is training. Drawing the curves is the browser's biggest cost (0.2-0.4 s of a
+# core per redraw in headless Chromium on this project's 2-core test machine), and where the run trains
+# on the CPU the browser takes that time from training, so there the curves are redrawn less often
+# (benchmarks/app_vs_cli.py measures the difference).
+POLL_SECONDS = 5.0
+PLOT_EVERY_S = 5.0
+PLOT_EVERY_CPU_S = 30.0
 AUTO = "auto"
 
 # The settings shown under "advanced", in order: (field, kind). Kinds: int/float may be left empty
@@ -292,7 +295,8 @@ def poll(watched, seen):
 
     loss_fig = dyn_fig = gr.skip()
     fig_key = [view.version, view.estimate_mb, bool(config.get("lora"))]
-    due = state != "running" or time.time() - seen.get("fig_at", 0) >= PLOT_EVERY_S or not seen.get("fig")
+    every = PLOT_EVERY_CPU_S if (config.get("device_plan") or {}).get("device") == "cpu" else PLOT_EVERY_S
+    due = state != "running" or time.time() - seen.get("fig_at", 0) >= every or not seen.get("fig")
     if seen.get("fig") != fig_key and due:
         seen["fig_at"] = time.time()
         loss_json, dyn_json = view.figures(config)
