@@ -4,12 +4,15 @@ open: the browser sits on about:blank).
 
     python benchmarks/app_vs_cli.py                 # embedded model, NF4, 20 steps, batch 2 x 128 tokens, 4 rounds
     python benchmarks/app_vs_cli.py --page closed   # the app's runs with the page closed: the server's own cost
+    python benchmarks/app_vs_cli.py --page toggle   # one long app run, page open and closed in turns: the page's cost
 
 Speed is non-pad tokens/s from each run's summary.json (the Trainer's runtime: model loading
 excluded), and the steady rate after 3 warm-up steps from metrics.jsonl. Rounds alternate the order
 (CLI first, then app first) so a drift in the machine's load does not favour one side. The load
 average is printed before and after: compare only numbers taken on a quiet machine. Each run also
-prints the share of a core the browser (all Chromium processes) and the app's process used.
+prints the share of a core the browser (all Chromium processes) and the app's process used while it
+trained. Separate runs on this kind of shared 2-core VM vary by +-15% from minute to minute; the
+toggle mode measures the page's cost within one run instead, which cancels that drift.
 Needs playwright and Debian's chromium at /usr/bin/chromium. Runs go to a temporary studio home.
 """
 
@@ -114,7 +117,8 @@ def cli_run(env: dict, name: str, a, page) -> tuple[float, float]:
     return rates(Path(env["QLORA_STUDIO_HOME"]) / "runs" / name)
 
 
-def app_run(page, home: Path, name: str, a, first: bool, url: str) -> tuple[float, float]:
+def start_from_page(page, name: str, a, first: bool, url: str, steps: int) -> None:
+    """Fills the Train tab's form and presses Start."""
     def number(sel, value):
         box = page.locator(f"{sel} input").first
         box.fill(str(value))
@@ -128,12 +132,16 @@ def app_run(page, home: Path, name: str, a, first: bool, url: str) -> tuple[floa
     if first:
         page.click("#advanced button.label-wrap")
         page.wait_for_selector("#f-max-steps input", state="visible")
-    for sel, value in (("#f-max-steps", a.steps), ("#f-batch", a.batch_size), ("#f-seq", a.max_seq_len), ("#f-eval", 0)):
+    for sel, value in (("#f-max-steps", steps), ("#f-batch", a.batch_size), ("#f-seq", a.max_seq_len), ("#f-eval", 0)):
         number(sel, value)
     page.locator("#f-quant label", has_text=a.quant).click()
     page.locator("#run-name-input input").first.fill(name)
     page.wait_for_function("n => document.querySelector('#resolved').innerText.includes('name: ' + n)", arg=name)
     page.click("#start")
+
+
+def app_run(page, home: Path, name: str, a, first: bool, url: str) -> tuple[float, float]:
+    start_from_page(page, name, a, first, url, a.steps)
     if a.page == "closed":  # the run goes on without any page watching it
         page.wait_for_function("n => document.querySelector('#run-header').innerText.includes(n)", arg=name)
         page.goto("about:blank")
@@ -147,6 +155,45 @@ def app_run(page, home: Path, name: str, a, first: bool, url: str) -> tuple[floa
     return rates(home / "runs" / name)
 
 
+def toggle_run(page, home: Path, a, url: str) -> None:
+    """One long app run; the page alternates between watching it on the Train tab and being closed
+    (about:blank) every `--window` seconds. Training steps that fall wholly inside a window, after its
+    first `--settle` seconds (the page loading), are credited to that window's side, so both sides are
+    measured on the same run at the same time of day, which cancels the machine's drift."""
+    name = "toggle"
+    start_from_page(page, name, a, True, url, a.toggle_steps)
+    status = home / "runs" / name / "status.json"
+    while not (home / "runs" / name / "metrics.jsonl").is_file() or not (home / "runs" / name / "metrics.jsonl").stat().st_size:
+        time.sleep(0.5)
+    windows, side = [], "closed"
+    while json.loads(status.read_text()).get("state") == "running":
+        t0 = time.time()
+        if side == "open":
+            page.goto(url)
+            page.wait_for_selector("#machine-info .qs-notice, #machine-info table")
+            page.click("#tab-train-button")
+        else:
+            page.goto("about:blank")
+        while time.time() < t0 + a.window and json.loads(status.read_text()).get("state") == "running":
+            time.sleep(0.5)
+        windows.append((side, t0 + a.settle, time.time()))
+        side = "closed" if side == "open" else "open"
+    train = [json.loads(line) for line in (home / "runs" / name / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    got = {"open": [0.0, 0.0, 0], "closed": [0.0, 0.0, 0]}  # tokens, seconds, steps
+    for prev, rec in zip(train, train[1:]):
+        for w_side, w0, w1 in windows:
+            if prev["time"] >= w0 and rec["time"] <= w1:
+                g = got[w_side]
+                g[0] += rec["tokens"] - prev["tokens"]
+                g[1] += rec["time"] - prev["time"]
+                g[2] += 1
+    rate = {k: v[0] / v[1] if v[1] else float("nan") for k, v in got.items()}
+    print(f"one run of {len(train)} steps, {len(windows)} windows of {a.window:.0f} s (first {a.settle:.0f} s of each left out)")
+    print(f"  page open on the Train tab: {rate['open']:.1f} tokens/s over {got['open'][2]} steps")
+    print(f"  page closed:                {rate['closed']:.1f} tokens/s over {got['closed'][2]} steps")
+    print(f"  open/closed = {rate['open'] / rate['closed']:.3f}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
@@ -154,8 +201,12 @@ def main() -> int:
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"])
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--page", default="train", choices=["train", "closed"],
-                   help="during the app's runs: keep the Train tab open (live curves), or close the page")
+    p.add_argument("--page", default="train", choices=["train", "closed", "toggle"],
+                   help="during the app's runs: keep the Train tab open (live curves), or close the page; "
+                        "toggle: one long app run, the page opened and closed in turns (no CLI runs)")
+    p.add_argument("--toggle-steps", type=int, default=360, help="--page toggle: the run's length")
+    p.add_argument("--window", type=float, default=45.0, help="--page toggle: seconds per window")
+    p.add_argument("--settle", type=float, default=8.0, help="--page toggle: seconds left out at each window's start")
     a = p.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -195,6 +246,9 @@ def main() -> int:
             print(f"cold start: page served after {served:.1f} s, first page rendered (hardware tab filled) "
                   f"after {cold:.1f} s", flush=True)
             first = True
+            if a.page == "toggle":
+                toggle_run(page, home, a, url)
+                return 0
             for r in range(a.rounds):
                 order = ("cli", "app") if r % 2 == 0 else ("app", "cli")
                 for side in order:

@@ -170,6 +170,39 @@ def test_run_view_reads_only_what_was_appended(tmp_path):
     assert _values(json.loads(view.figures({})[0])["data"][0]["y"])[-1] is None  # NaN: a gap (valid JSON)
 
 
+def test_a_page_watching_a_cpu_run_polls_and_redraws_less_often(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import time
+
+    from qlora_studio.ui import train
+
+    monkeypatch.setenv("QLORA_STUDIO_HOME", str(tmp_path))
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the run's live process
+    run = tmp_path / "runs" / "watched"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"name": "watched", "device_plan": {"device": "cpu"}}))
+    status = {"state": "running", "phase": "training", "pid": trainer.pid, "host": socket.gethostname(),
+              "step": 1, "total_steps": 100, "started_at": time.time()}
+    (run / "status.json").write_text(json.dumps(status))
+    _append(run / "metrics.jsonl", [{"type": "train", "step": 1, "time": time.time(), "loss": 1.0, "tokens": 10}])
+
+    try:
+        out = train.poll(str(run), {})
+        assert out[-1].value == train.POLL_CPU_S  # the page is told to ask less often
+        assert out[2] != train.gr.skip() and out[2] is not None  # the first curves are drawn at once ...
+        _append(run / "metrics.jsonl", [{"type": "train", "step": 2, "time": time.time(), "loss": 0.9, "tokens": 20}])
+        again = train.poll(str(run), out[-2])
+        assert again[2] == train.gr.skip() and again[1] != train.gr.skip()  # ... the next only PLOT_EVERY_CPU_S later
+    finally:
+        trainer.kill()
+        trainer.wait()
+    status.update(state="completed")
+    (run / "status.json").write_text(json.dumps(status))
+    done = train.poll(str(run), again[-2])
+    assert done[-1].value == train.POLL_SECONDS and done[2] != train.gr.skip()  # finished: final curves, usual pace
+
+
 def test_run_view_starts_over_when_a_resume_rewrites_the_metrics(tmp_path):
     import os
 

@@ -28,9 +28,11 @@ DEFAULT_PRESET = "cpu-demo"
 # How often an open page asks for news (progress line, log tail, findings), and how often it redraws the
 # curves of a run that is training. Drawing the curves is the browser's biggest cost (0.2-0.4 s of a
 # core per redraw in headless Chromium on this project's 2-core test machine), and where the run trains
-# on the CPU the browser takes that time from training, so there the curves are redrawn less often
-# (benchmarks/app_vs_cli.py measures the difference).
+# on the CPU the browser takes that time from training, so while such a run trains the page asks every
+# POLL_CPU_S and redraws the curves every PLOT_EVERY_CPU_S (benchmarks/app_vs_cli.py --page toggle
+# measures what watching costs).
 POLL_SECONDS = 5.0
+POLL_CPU_S = 10.0
 PLOT_EVERY_S = 5.0
 PLOT_EVERY_CPU_S = 30.0
 AUTO = "auto"
@@ -252,12 +254,12 @@ def progress_html(view, status: dict, config: dict) -> str:
 
 def _idle_outputs(seen):
     if seen.get("idle"):
-        return (gr.skip(),) * 8 + (None, seen)
+        return (gr.skip(),) * 8 + (None, seen, gr.Timer(value=POLL_SECONDS))
     waiting = empty_figure("Loss", "no run yet: choose a preset and press Start")
     return ('<div class="qs-muted" id="run-state">no run yet</div>', "", waiting,
             empty_figure("Learning rate, gradient norm, speed, memory", "", 420), "",
             findings_html(None, diagnosis_module() is not None), gr.Dropdown(choices=[], value=None), gr.Row(visible=False),
-            None, {"idle": True})
+            None, {"idle": True}, gr.Timer(value=POLL_SECONDS))
 
 
 def poll(watched, seen):
@@ -295,7 +297,9 @@ def poll(watched, seen):
 
     loss_fig = dyn_fig = gr.skip()
     fig_key = [view.version, view.estimate_mb, bool(config.get("lora"))]
-    every = PLOT_EVERY_CPU_S if (config.get("device_plan") or {}).get("device") == "cpu" else PLOT_EVERY_S
+    on_cpu = state == "running" and (config.get("device_plan") or {}).get("device") == "cpu"
+    pace = gr.Timer(value=POLL_CPU_S if on_cpu else POLL_SECONDS)  # the page's next tick
+    every = PLOT_EVERY_CPU_S if on_cpu else PLOT_EVERY_S
     due = state != "running" or time.time() - seen.get("fig_at", 0) >= every or not seen.get("fig")
     if seen.get("fig") != fig_key and due:
         seen["fig_at"] = time.time()
@@ -328,11 +332,11 @@ def poll(watched, seen):
             fixes = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
             fix_row = gr.Row(visible=bool(choices))
             seen["find"] = find_key
-    return header, progress, loss_fig, dyn_fig, log, findings, fixes, fix_row, path, seen
+    return header, progress, loss_fig, dyn_fig, log, findings, fixes, fix_row, path, seen, pace
 
 
 def _poll_error(msg):
-    return (notice(msg, "error"),) + (gr.skip(),) * 9
+    return (notice(msg, "error"),) + (gr.skip(),) * 10
 
 
 # ------------------------------------------------------------------ actions
@@ -494,10 +498,10 @@ def wire(ctx) -> None:
     ctx.demo.load(resolve, form, ctx.tr_resolved, show_progress="hidden")
 
     live_outputs = [ctx.tr_header, ctx.tr_progress, ctx.tr_loss, ctx.tr_dyn, ctx.tr_log, ctx.tr_findings,
-                    ctx.tr_fix, ctx.tr_fix_row, ctx.tr_watched, ctx.tr_seen]
+                    ctx.tr_fix, ctx.tr_fix_row, ctx.tr_watched, ctx.tr_seen, ctx.tr_timer]
     poll_safe = safe(_poll_error)(poll)
     ctx.tr_timer.tick(poll_safe, [ctx.tr_watched, ctx.tr_seen], live_outputs, show_progress="hidden",
-                      concurrency_limit=None, trigger_mode="always_last")
+                      queue=False, trigger_mode="always_last")
     ctx.demo.load(poll_safe, [ctx.tr_watched, ctx.tr_seen], live_outputs, show_progress="hidden")
 
     start_safe = safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip()))(start)
