@@ -236,6 +236,10 @@ def test_training_runs_live_refuses_a_second_start_and_stops(page):
     first = wait_for(lambda: plot_points(page, "loss-plot"), 240, "the first point on the loss plot")
     wait_for(lambda: plot_points(page, "loss-plot") > first, 120, "the loss plot to gain points")
     assert page.locator("#run-state").inner_text() == "running"
+    from qlora_studio.hardware import probe_gpus
+
+    if not probe_gpus()[0]:  # a CPU run: the page says it refreshes less often to leave the cores to training
+        assert "Training on the CPU: this page refreshes every" in page.locator("#run-pace").inner_text()
     page.click("#start")  # one run at a time
     wait_for(lambda: "already training" in page.locator("#train-notice").inner_text(), 30, "a polite refusal")
     assert RUN_NAME in page.locator("#train-notice").inner_text()

@@ -189,7 +189,8 @@ def test_a_page_watching_a_cpu_run_polls_and_redraws_less_often(tmp_path, monkey
 
     try:
         out = train.poll(str(run), {})
-        assert out[-1].value == train.POLL_CPU_S  # the page is told to ask less often
+        assert out[-1].value == train.POLL_CPU_S  # the page is told to ask less often, and says so
+        assert f"refreshes every {train.POLL_CPU_S:.0f} s" in out[1]
         assert out[2] != train.gr.skip() and out[2] is not None  # the first curves are drawn at once ...
         _append(run / "metrics.jsonl", [{"type": "train", "step": 2, "time": time.time(), "loss": 0.9, "tokens": 20}])
         again = train.poll(str(run), out[-2])
