@@ -31,7 +31,7 @@ DEFAULT_PRESET = "cpu-demo"
 # on the CPU the browser takes that time from training, so while such a run trains the page asks every
 # POLL_CPU_S and redraws the curves every PLOT_EVERY_CPU_S, and says so. Measured with
 # benchmarks/app_vs_cli.py --page toggle (one run, page open vs closed): 10 s / 30 s slowed training by
-# 6.5%, 15 s / 60 s by 3.9%.
+# 6.5%, 15 s / 60 s by 3.0-3.9% (two runs).
 POLL_SECONDS = 5.0
 POLL_CPU_S = 15.0
 PLOT_EVERY_S = 5.0
