@@ -222,6 +222,11 @@ def header_html(path: Path, status: dict, config: dict) -> str:
     return html
 
 
+def _trains_on_cpu(state, config: dict) -> bool:
+    """A run training on the CPU, where the page's work competes with training for the cores."""
+    return state == "running" and (config.get("device_plan") or {}).get("device") == "cpu"
+
+
 def progress_html(view, status: dict, config: dict) -> str:
     state = status.get("state")
     total = status.get("total_steps") or status.get("max_steps") or config.get("total_steps")
@@ -250,7 +255,7 @@ def progress_html(view, status: dict, config: dict) -> str:
     if view.last_eval and view.last_eval.get("eval_loss") is not None:
         parts.append(f"eval loss {fmt_num(view.last_eval['eval_loss'])}")
     pace = ""
-    if state == "running" and (config.get("device_plan") or {}).get("device") == "cpu":
+    if _trains_on_cpu(state, config):
         pace = (f'<div class="qs-muted" id="run-pace">Training on the CPU: this page refreshes every {POLL_CPU_S:.0f} s '
                 f'and redraws the curves every {PLOT_EVERY_CPU_S:.0f} s, to leave the cores to training.</div>')
     return (f'<div class="qs-progress"><div class="qs-bar"><div style="width:{pct:.1f}%"></div></div>'
@@ -302,7 +307,7 @@ def poll(watched, seen):
 
     loss_fig = dyn_fig = gr.skip()
     fig_key = [view.version, view.estimate_mb, bool(config.get("lora"))]
-    on_cpu = state == "running" and (config.get("device_plan") or {}).get("device") == "cpu"
+    on_cpu = _trains_on_cpu(state, config)
     pace = gr.Timer(value=POLL_CPU_S if on_cpu else POLL_SECONDS)  # the page's next tick
     every = PLOT_EVERY_CPU_S if on_cpu else PLOT_EVERY_S
     due = state != "running" or time.time() - seen.get("fig_at", 0) >= every or not seen.get("fig")
