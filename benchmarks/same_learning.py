@@ -58,7 +58,8 @@ def main() -> int:
     (home / "models" / embedded.name).symlink_to(embedded)
     os.environ["QLORA_STUDIO_HOME"] = str(home)
 
-    from qlora_studio.training import TrainConfig, prepare_run, run_training
+    from qlora_studio.config import TrainConfig
+    from qlora_studio.training import prepare_run, run_training
 
     results = {}
     for batching, seed in (("packed", 1), ("padded", 1), ("padded", 2), ("packed", 2)):

@@ -95,7 +95,7 @@ def run_reference(a, data: Path, model_path: Path) -> dict:
                               TrainerCallback, TrainingArguments)
 
     from qlora_studio.data import prepare_dataset
-    from qlora_studio.training import linear_module_names, load_tokenizer
+    from qlora_studio.loading import linear_module_names, load_tokenizer
 
     cuda = torch.cuda.is_available()
     tok = load_tokenizer(model_path)
@@ -132,7 +132,8 @@ def run_reference(a, data: Path, model_path: Path) -> dict:
 
 def run_ours(a, data: Path, model_path: Path, overrides: dict) -> dict:
     from qlora_studio.runs import RunFolder
-    from qlora_studio.training import TrainConfig, prepare_run, run_training
+    from qlora_studio.config import TrainConfig
+    from qlora_studio.training import prepare_run, run_training
 
     cfg = TrainConfig(model=str(model_path), data=str(data), data_format="text", quant="nf4", rank=LORA["r"],
                       alpha=LORA["alpha"], targets="all", lora_dropout=LORA["dropout"], learning_rate=2e-4,
@@ -169,7 +170,7 @@ def model_from_config(name: str, folder: Path) -> Path:
 
     from qlora_studio.catalog import load_architecture
     from qlora_studio.models import embedded_model_path
-    from qlora_studio.training import load_tokenizer
+    from qlora_studio.loading import load_tokenizer
 
     arch = load_architecture(name)
     extra = {"attention_bias": True} if arch.qkv_bias and arch.model_type == "llama" else {}

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qlora_studio.manager import RunManager  # noqa: E402
 from qlora_studio.presets import PROJECT_DIR  # noqa: E402
-from qlora_studio.training import TrainConfig  # noqa: E402
+from qlora_studio.config import TrainConfig  # noqa: E402
 
 
 def main() -> int:

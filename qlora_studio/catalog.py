@@ -17,8 +17,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import StudioError
 
-class ArchitectureError(ValueError):
+
+class ArchitectureError(StudioError, ValueError):
     """A model name or config.json that cannot be turned into an :class:`Architecture`."""
 
 

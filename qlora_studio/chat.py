@@ -13,26 +13,27 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .errors import StudioError
 from .runs import RunFolder, resolve_run
 
 
-class ChatError(Exception):
+class ChatError(StudioError):
     pass
 
 
 def _device_and_dtype():
-    import torch
+    """Where chat and evaluation run, and in which dtype (`plan.precision_for`, for inference)."""
+    from .plan import Machine, precision_for, torch_dtype
 
-    if torch.cuda.is_available():
-        major, _ = torch.cuda.get_device_capability(0)
-        return "cuda", torch.bfloat16 if major >= 8 else torch.float16
-    return "cpu", torch.float32  # fp32 is the fast and exact path on CPUs
+    machine = Machine.detect()
+    return machine.device, torch_dtype(precision_for(machine.device, machine.compute_capability, training=False))
 
 
 def _base_path(run: RunFolder) -> Path:
     cfg = run.config()
-    if cfg.get("model_path") and Path(cfg["model_path"]).is_dir():
-        return Path(cfg["model_path"])
+    path = (run.plan().get("model") or {}).get("path") or cfg.get("model_path")  # model_path: older runs
+    if path and Path(path).is_dir():
+        return Path(path)
     from .models import resolve_model
 
     return resolve_model(cfg.get("model")).path
@@ -75,7 +76,7 @@ def merge_run(run: str | Path | RunFolder, progress: Callable[[float, str], None
     tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=run.path))
     try:
         merged.save_pretrained(tmp)
-        from .training import load_tokenizer
+        from .loading import load_tokenizer
 
         load_tokenizer(run.adapter if (run.adapter / "tokenizer_config.json").is_file() else base_path).save_pretrained(tmp)
         (tmp / "studio_merged.json").write_text(f'{{"base": "{base_path}", "dtype": "{save_dtype}"}}')
@@ -92,7 +93,7 @@ def load_chat_model(path: str | Path, adapter: str | Path | None = None):
     """Model and tokenizer for generation, in eval mode; optionally with an unmerged adapter."""
     from transformers import AutoModelForCausalLM
 
-    from .training import load_tokenizer
+    from .loading import load_tokenizer
 
     device, dtype = _device_and_dtype()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map={"": 0} if device == "cuda" else None)

@@ -1,7 +1,8 @@
 """Command line: one function per verb, each a thin call into the core.
 
 Heavy libraries (torch, transformers) are imported inside the verbs that need them, so
-``qlora-studio --help`` and the planning verbs answer at once.
+``qlora-studio --help`` and the planning verbs answer at once. Every problem the user can fix is a
+`StudioError`, caught once in `main` (its message, exit code 2).
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import argparse
 import json
 import sys
 
+from . import config as settings_schema
+from .errors import StudioError
 
-class UserError(Exception):
-    """A problem the user can fix; printed without a traceback, exit code 2."""
+
+class UserError(StudioError):
+    """A problem with the command line itself."""
 
 
 def _print_json(obj) -> None:
@@ -23,14 +27,27 @@ def _print_json(obj) -> None:
 # (each verb: a `cmd_<name>(args) -> int` and its parser in `build_parser`)
 
 
-def _train_overrides(args) -> dict:
-    return {
-        "model": args.model, "data": args.data, "epochs": args.epochs, "max_steps": args.max_steps,
-        "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_seq_len": args.max_seq_len,
-        "rank": args.rank, "targets": args.targets, "quant": args.quant, "learning_rate": args.learning_rate,
-        "eval_fraction": args.eval_fraction, "name": args.output, "batching": args.batching,
-        "attention": args.attention, "gradient_checkpointing": args.gradient_checkpointing,
-    }
+def _config_from_args(args):
+    """The run's `TrainConfig`: a preset or a config file, overridden by the flags given."""
+    from .config import TrainConfig
+    from .presets import load_config_file, load_preset
+
+    overrides = settings_schema.flag_overrides(args)
+    if args.preset:
+        return load_preset(args.preset, overrides)
+    if args.config:
+        return load_config_file(args.config, overrides)
+    return TrainConfig.from_dict(overrides, source="command line")
+
+
+def _print_plan(cfg, as_json: bool) -> None:
+    from .plan import plan_for
+
+    plan = plan_for(cfg)
+    if as_json:
+        _print_json({"settings": cfg.to_dict(), "plan": plan.to_dict()})
+        return
+    print("\n".join(plan.lines()))
 
 
 def _wait_for(manager, run) -> dict:
@@ -55,37 +72,28 @@ def _finish_run(run, status: dict) -> int:
 
 def cmd_train(args) -> int:
     from .manager import get_manager
-    from .presets import ConfigError, load_config_file, load_preset
-    from .runs import RunError
-    from .training import TrainingError
 
-    overrides = _train_overrides(args)
-    try:
-        if args.preset:
-            cfg = load_preset(args.preset, overrides)
-        elif args.config:
-            cfg = load_config_file(args.config, overrides)
-        else:
-            from .training import TrainConfig
-
-            cfg = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, source="command line")
-        manager = get_manager()
-        run = manager.start(cfg, echo=True)
-    except (ConfigError, TrainingError, RunError) as e:
-        raise UserError(str(e)) from e
+    cfg = _config_from_args(args)
+    if args.dry_run:
+        _print_plan(cfg, args.json)
+        return 0
+    manager = get_manager()
+    run = manager.start(cfg, echo=True)
     print(f"run folder: {run.path}", flush=True)
     return _finish_run(run, _wait_for(manager, run))
 
 
+def cmd_plan(args) -> int:
+    """How a run of these settings would train here: every decision and why, and the memory estimate."""
+    _print_plan(_config_from_args(args), args.json)
+    return 0
+
+
 def cmd_resume(args) -> int:
-    from .manager import RunBusy, get_manager
-    from .runs import RunError
+    from .manager import get_manager
 
     manager = get_manager()
-    try:
-        run = manager.resume(args.run, echo=True)
-    except (RunBusy, RunError) as e:
-        raise UserError(str(e)) from e
+    run = manager.resume(args.run, echo=True)
     return _finish_run(run, _wait_for(manager, run))
 
 
@@ -94,13 +102,10 @@ def cmd_data_check(args) -> int:
 
     tokenizer = None
     if args.model:
-        from .models import ModelError, resolve_model
-        from .training import load_tokenizer
+        from .loading import load_tokenizer
+        from .models import resolve_model
 
-        try:
-            tokenizer = load_tokenizer(resolve_model(args.model).path)
-        except ModelError as e:
-            raise UserError(str(e)) from e
+        tokenizer = load_tokenizer(resolve_model(args.model).path)
     try:
         report = check_file(args.file, tokenizer, args.max_seq_len)
     except DataError as e:
@@ -142,25 +147,19 @@ def cmd_runs(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .chat import ChatError, merge_run
-    from .runs import RunError
+    from .chat import merge_run
 
-    try:
-        path = merge_run(args.run, progress=lambda f, m: print(f"[{int(f * 100):3d}%] {m}", flush=True), force=args.force)
-    except (ChatError, RunError) as e:
-        raise UserError(str(e)) from e
+    path = merge_run(args.run, progress=lambda f, m: print(f"[{int(f * 100):3d}%] {m}", flush=True), force=args.force)
     print(path)
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .chat import ChatError
     from .evaluate import evaluate_run
-    from .runs import RunError
 
     try:
         result = evaluate_run(args.run, base=args.base, limit=args.limit)
-    except (ChatError, RunError, ValueError) as e:
+    except ValueError as e:
         raise UserError(str(e)) from e
     if args.json:
         _print_json(result)
@@ -198,13 +197,9 @@ def _chat_loop(model, tok, first: str | None, max_new_tokens: int, temperature: 
 
 
 def cmd_chat(args) -> int:
-    from .chat import ChatError, load_run_model
-    from .runs import RunError
+    from .chat import load_run_model
 
-    try:
-        model, tok = load_run_model(args.run, base=args.base)
-    except (ChatError, RunError) as e:
-        raise UserError(str(e)) from e
+    model, tok = load_run_model(args.run, base=args.base)
     if args.prompt is None:
         print("chat with the " + ("base" if args.base else "fine-tuned") + " model; an empty line or /quit ends it", file=sys.stderr)
     _chat_loop(model, tok, args.prompt, args.max_new_tokens, args.temperature)
@@ -237,30 +232,34 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _add_run_verbs(sub) -> None:
-    t = sub.add_parser("train", help="train a QLoRA adapter (prints the run folder last)")
+def _settings_parser(sub, name: str, help_text: str):
+    """A verb that takes a run's settings: --preset or --config, then one flag per setting (from
+    `config.SETTINGS`)."""
+    t = sub.add_parser(name, help=help_text)
     src = t.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="a preset from presets/ (e.g. cpu-demo)")
+    src.add_argument("--preset", help="a shipped preset (e.g. cpu-demo; `qlora-studio presets` lists them)")
     src.add_argument("--config", help="a YAML/JSON file of settings")
-    t.add_argument("--model", help="embedded | model folder | Hub id | .gguf file")
-    t.add_argument("--data", help="training data (.jsonl .json .csv .parquet)")
-    t.add_argument("--epochs", type=float)
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--grad-accum", type=int)
-    t.add_argument("--max-seq-len", type=int)
-    t.add_argument("--rank", type=int)
-    t.add_argument("--targets", choices=["attention", "all"])
-    t.add_argument("--quant", choices=["nf4", "fp4", "none"])
-    t.add_argument("--learning-rate", type=float)
-    t.add_argument("--eval-fraction", type=float)
-    t.add_argument("--batching", choices=["packed", "grouped", "padded"],
-                   help="packed (default): no padding, where the model's attention allows it")
-    t.add_argument("--attention", choices=["sdpa", "eager"], help="default: the faster one for the device")
-    t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: on with a GPU, off on the CPU when the run fits in RAM without it")
-    t.add_argument("--output", metavar="NAME", help="the run folder's name under the studio's runs/ (letters, digits, . _ -)")
+    settings_schema.add_flags(t.add_argument_group("settings (each overrides the preset's or the file's)"))
+    t.add_argument("--json", action="store_true", help="print the settings and the plan as JSON")
+    return t
+
+
+def cmd_presets(args) -> int:
+    from .presets import list_presets
+
+    for p in list_presets():
+        print(f"{p.name:14s} {p.description}")
+    return 0
+
+
+def _add_run_verbs(sub) -> None:
+    t = _settings_parser(sub, "train", "train a QLoRA adapter (prints the run folder last)")
+    t.add_argument("--dry-run", action="store_true", help="print the plan and exit without training")
     t.set_defaults(func=cmd_train)
+    p = _settings_parser(sub, "plan", "how a run would train here: every decision and why, and its memory")
+    p.set_defaults(func=cmd_plan)
+    ps = sub.add_parser("presets", help="list the shipped presets")
+    ps.set_defaults(func=cmd_presets)
 
     d = sub.add_parser("data", help="inspect training data")
     dsub = d.add_subparsers(dest="data_verb", required=True)
@@ -388,7 +387,7 @@ def _add_plan_verbs(sub) -> None:
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize the 4-bit scales too (default: on)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--targets", choices=["attention", "all"], default="attention",
+    p.add_argument("--targets", choices=["attention", "all"], default="all",
                    help="LoRA on attention projections, or on all linear layers")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (padded)")
@@ -463,9 +462,7 @@ def _pick_finding(findings, kind: str | None):
 def cmd_fix(args) -> int:
     """Apply a finding's fix: a new run with the changed settings, from the last good checkpoint."""
     from .diagnose import diagnose_run
-    from .manager import RunBusy, get_manager
-    from .runs import RunError
-    from .training import TrainingError
+    from .manager import get_manager
 
     folder = _diagnose_target(args.run)
     if folder.is_file():
@@ -480,10 +477,7 @@ def cmd_fix(args) -> int:
     print(f"{finding.kind} at step {finding.step}: {finding.message}")
     print(f"applying fix {args.index}: {fix.title} {json.dumps(fix.changes)}", flush=True)
     manager = get_manager()
-    try:
-        run = manager.apply_fix(folder, fix, reason=finding.message, echo=True)
-    except (RunBusy, RunError, TrainingError) as e:
-        raise UserError(str(e)) from e
+    run = manager.apply_fix(folder, fix, reason=finding.message, echo=True)
     print(f"run folder: {run.path}", flush=True)
     return _finish_run(run, _wait_for(manager, run))
 
@@ -582,8 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except StudioError as e:
+        print(f"error: {e.user_text()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -26,6 +26,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import StudioError
+
 FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "text")
 IGNORE_INDEX = -100
 # A plain ChatML template for models that ship none (base models).
@@ -37,7 +39,7 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
                    "model": "assistant", "system": "system", "bot": "assistant"}
 
 
-class DataError(Exception):
+class DataError(StudioError):
     """The file cannot be used at all; the message names file, line and field."""
 
 

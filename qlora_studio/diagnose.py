@@ -25,7 +25,6 @@ batch-to-batch noise, the warmup and the end of the cosine schedule do not raise
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -176,8 +175,22 @@ def _fmt(x: float | None) -> str:
 # ------------------------------------------------------------------ fixes shared by several findings
 
 
+def settings_view(config: dict | None, plan_doc: dict | None = None) -> dict:
+    """A run's settings as they ran: config.json, with what its plan.json resolved or changed (the
+    micro-batch after out-of-memory recoveries, the device, the precision, the number of steps)."""
+    view = dict(config or {})
+    plan = (plan_doc or {}).get("plan") or {}
+    for key in ("batch_size", "grad_accum", "device", "precision"):
+        if plan.get(key) is not None:
+            view[key] = plan[key]
+    total = ((plan_doc or {}).get("schedule") or {}).get("total_steps")
+    if total is not None:
+        view["total_steps"] = total
+    return view
+
+
 class _Settings:
-    """The settings a fix starts from, read from a run's config (TrainConfig defaults if absent)."""
+    """The settings a fix starts from, read from a run's `settings_view` (TrainConfig defaults if absent)."""
 
     def __init__(self, config: dict | None):
         c = config or {}
@@ -192,9 +205,8 @@ class _Settings:
         self.max_steps = c.get("max_steps")
         self.total_steps = c.get("total_steps") or self.max_steps
         self.warmup_ratio = float(c.get("warmup_ratio") if c.get("warmup_ratio") is not None else 0.05)
-        plan = c.get("device_plan") or {}
-        self.device = plan.get("device") or c.get("device")
-        self.compute_dtype = plan.get("compute_dtype")
+        self.device = c.get("device")
+        self.precision = c.get("precision")
 
 
 def _halve_lr(s: _Settings, from_step: int | None, why: str) -> Fix:
@@ -330,7 +342,7 @@ class Diagnoser:
         """
         s = self.settings
         loss, gn, step = row["loss"], row["grad_norm"], row["step"]
-        fp16 = s.compute_dtype == "float16"
+        fp16 = s.precision == "fp16"
         loss_bad = loss is not None and not math.isfinite(loss)
         gn_bad = gn is not None and not math.isfinite(gn)
         if gn_bad and not loss_bad and fp16:
@@ -697,25 +709,6 @@ def diagnose(records: list[dict], *, config: dict | None = None, status: dict | 
     return sorted(findings, key=lambda f: (f.step, order.get(f.kind, 99)))
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.endswith("\n"):
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    return records
-
-
 def diagnose_run(path: str | Path) -> list[Finding]:
     """Findings for a run folder, or for a metrics.jsonl file (with its folder's files, if any)."""
     p = Path(path).expanduser()
@@ -725,11 +718,9 @@ def diagnose_run(path: str | Path) -> list[Finding]:
         folder, metrics = p, p / "metrics.jsonl"
     else:
         raise FileNotFoundError(f"{path}: no such run folder or metrics file")
-    records = _read_jsonl(metrics) if metrics.is_file() else []
-    return diagnose(records, config=_read_json(folder / "config.json"), status=_read_json(folder / "status.json"),
-                    summary=_read_json(folder / "summary.json"), data_report=_read_json(folder / "data_report.json"))
+    from .runs import read_json, read_metrics_from
 
-
-def worst_severity(findings: list[Finding]) -> str | None:
-    ranks = [SEVERITIES.index(f.severity) for f in findings]
-    return SEVERITIES[max(ranks)] if ranks else None
+    records = read_metrics_from(metrics)[0] if metrics.is_file() else []
+    config = settings_view(read_json(folder / "config.json"), read_json(folder / "plan.json"))
+    return diagnose(records, config=config, status=read_json(folder / "status.json"),
+                    summary=read_json(folder / "summary.json"), data_report=read_json(folder / "data_report.json"))

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .catalog import CATALOG, Architecture, LinearShape
+from .runs import atomic_write_json
 
 MiB = 1024**2
 GiB = 1024**3
@@ -479,10 +478,7 @@ def record_measurement(estimated_bytes: int, measured_bytes: int, gpu_name: str,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **details,
     })
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump({"measurements": items}, f, indent=1)
-    os.replace(tmp, path)  # atomic: a crash never leaves half a file
+    atomic_write_json(path, {"measurements": items})  # a crash never leaves half a file
 
 
 def calibration_factor(gpu_name: str) -> float:
@@ -495,6 +491,16 @@ def calibration_factor(gpu_name: str) -> float:
         return 1.0
     lo, hi = CALIBRATION_CLAMP
     return min(hi, max(lo, statistics.median(ratios)))
+
+
+def calibration_summary(gpu_name: str) -> str | None:
+    """How the estimate for ``gpu_name`` is calibrated, for a person; None when no run was recorded."""
+    wanted = gpu_name.strip().lower()
+    n = sum(1 for m in _read_measurements(_calibration_path()) if str(m.get("gpu", "")).strip().lower() == wanted)
+    if not n:
+        return None
+    return (f"calibrated: scaled by {calibration_factor(gpu_name):.3f}, the median measured/estimated ratio of "
+            f"{n} finished run{'s' if n != 1 else ''} on this card")
 
 
 def _factor_for(gpu_name: str | None) -> tuple[float, str]:

@@ -5,8 +5,7 @@ CUDA context, sees memory held by other programs, and works with a CPU-only torc
 (package missing, no driver, no device, any NVML error) becomes an empty list and a reason, never a
 traceback.
 
-bf16 is decided by compute capability (>= 8.0, Ampere and newer). ``torch.cuda.is_bf16_supported()`` is
-not used: it answers True on Turing/Volta too, where bf16 is only emulated.
+The compute dtype a card trains in is `plan.precision_for`'s decision (bf16 from compute capability 8.0).
 """
 
 from __future__ import annotations
@@ -21,22 +20,16 @@ CPU_STATEMENT = "No NVIDIA GPU found — training will run on the CPU, which sui
 
 # ------------------------------------------------------------------ precision by compute capability
 
-def bf16_supported(compute_capability: tuple[int, int] | None) -> bool:
-    """Native bf16 needs compute capability 8.0 or newer (Ampere, Ada, Hopper, Blackwell)."""
-    return compute_capability is not None and tuple(compute_capability) >= (8, 0)
-
-
 def compute_dtype_for(compute_capability: tuple[int, int] | None) -> str:
-    """The training compute dtype a card should use: bf16 on CC >= 8.0; fp16 on Volta/Turing and P100;
-    fp32 on consumer Pascal (CC 6.1), whose fp16 math runs at a small fraction of fp32 speed."""
-    if compute_capability is None:
-        return "fp32"
-    cc = tuple(compute_capability)
-    if cc >= (8, 0):
-        return "bf16"
-    if cc >= (7, 0) or cc == (6, 0):
-        return "fp16"
-    return "fp32"
+    """The training compute dtype of a CUDA card: `plan.precision_for` decides."""
+    from .plan import precision_for
+
+    return precision_for("cuda", compute_capability)
+
+
+def bf16_supported(compute_capability: tuple[int, int] | None) -> bool:
+    """Whether a card trains in bf16 (native bf16, compute capability 8.0 or newer)."""
+    return compute_capability is not None and compute_dtype_for(compute_capability) == "bf16"
 
 
 # ------------------------------------------------------------------ detected GPUs

@@ -11,11 +11,14 @@ import os
 import threading
 from pathlib import Path
 
+from .errors import StudioError
 from .runs import RunFolder, list_runs, resolve_run
-from .training import TrainConfig, prepare_fix_run, prepare_run, run_training
+from .config import TrainConfig
+from .recovery import prepare_fix_run
+from .training import prepare_run, run_training
 
 
-class RunBusy(Exception):
+class RunBusy(StudioError):
     """A run is already training in this process."""
 
 
@@ -45,11 +48,12 @@ class RunManager:
         return run.status(self.live_pids() if self.active() and self.active().path == run.path else set())
 
     # -- actions
-    def start(self, cfg: TrainConfig, echo: bool = False) -> RunFolder:
+    def start(self, cfg: TrainConfig, echo: bool = False, plan=None) -> RunFolder:
+        """Start a run of ``cfg`` (with ``plan``, a `RunPlan` already shown to the user, or a new one)."""
         cfg.validate()
         with self._lock:
             self._refuse_if_busy()
-            run = prepare_run(cfg)
+            run = prepare_run(cfg, plan=plan)
             self._launch(run, resume=False, echo=echo)
             return run
 

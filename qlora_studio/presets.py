@@ -13,15 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from .training import TrainConfig, TrainingError
+from .config import TrainConfig
+from .errors import ConfigError
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PRESETS_DIR = PROJECT_DIR / "presets"
 _PATH_FIELDS = ("data", "test_data")
-
-
-class ConfigError(Exception):
-    pass
 
 
 @dataclass
@@ -80,10 +77,10 @@ def build_config(settings: dict, source: Path, lines: dict[str, int], overrides:
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return TrainConfig.from_dict(merged, source=str(source))
-    except TrainingError as e:
-        if e.field and e.field in settings and not (overrides or {}).get(e.field):
-            raise ConfigError(f"{source}:{lines.get(e.field, 1)} {e.field}: {e.why}") from e
-        raise ConfigError(f"{e.field or 'settings'}: {e.why}" if e.field else str(e)) from e
+    except ConfigError as e:
+        if e.field and e.field in settings and (overrides or {}).get(e.field) is None:
+            raise ConfigError(f"{source}:{lines.get(e.field, 1)} {e.field}: {e.why}", e.field, why=e.why) from e
+        raise ConfigError(f"{e.field or 'settings'}: {e.why}" if e.field else str(e), e.field, why=e.why) from e
 
 
 def list_presets() -> list[Preset]:

@@ -1,11 +1,13 @@
 """Run folders: everything a run leaves on disk, written so that nothing is ever half-written.
 
 A run folder under ``<studio home>/runs/<name>/`` holds:
-- ``config.json``   the full resolved configuration
+- ``config.json``   the settings as the user gave them (plus the data's sha256 and, for a fix, its lineage)
+- ``plan.json``     what ran: the resolved `RunPlan`, the schedule, the model's path and size, and every
+                    change made while training (out-of-memory recoveries, packing turned off)
 - ``status.json``   state (running | completed | stopped | failed | interrupted), error, pid, times
 - ``metrics.jsonl`` one JSON line per logging step ({"type": "train", ...}) or evaluation ({"type": "eval", ...})
 - ``summary.json``  runtime, non-pad tokens, tokens/s, peak memory, eval metrics
-- ``checkpoints/``, ``adapter/``, ``merged/``
+- ``checkpoints/checkpoint-<step>/`` (see `RunFolder.checkpoints`), ``adapter/``, ``merged/``
 
 JSON files are replaced atomically (write a temporary file, fsync, rename). metrics.jsonl is only
 appended to, and a reader ignores a last line cut short by a crash. A folder whose status says
@@ -25,13 +27,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import StudioError
 from .home import runs_dir
 
 STATES = ("running", "completed", "stopped", "failed", "interrupted")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-class RunError(Exception):
+class RunError(StudioError):
     """A run folder is missing, unreadable, or a name is not acceptable."""
 
 
@@ -120,7 +123,7 @@ class RunFolder:
         return self.path.name
 
     @property
-    def checkpoints(self) -> Path:
+    def checkpoints_dir(self) -> Path:
         return self.path / "checkpoints"
 
     @property
@@ -144,6 +147,21 @@ class RunFolder:
         if cfg is None:
             raise RunError(f"{self.path / 'config.json'}: missing or not valid JSON")
         return cfg
+
+    # plan
+    def write_plan(self, plan: dict) -> None:
+        atomic_write_json(self.path / "plan.json", plan)
+
+    def plan(self) -> dict:
+        """plan.json: {"plan": RunPlan dict, "schedule": ..., "model": ..., "adjustments": [...]}, or {}."""
+        doc = read_json(self.path / "plan.json", {})
+        return doc if isinstance(doc, dict) else {}
+
+    def update_plan(self, **fields) -> dict:
+        doc = self.plan()
+        doc.update(fields)
+        self.write_plan(doc)
+        return doc
 
     # status
     def set_status(self, state: str, **fields) -> dict:
@@ -195,20 +213,33 @@ class RunFolder:
     def summary(self) -> dict:
         return read_json(self.path / "summary.json", {}) or {}
 
+    def checkpoints(self, complete: bool = True) -> list[tuple[int, Path]]:
+        """(step, folder) of the run's checkpoints, oldest first. ``complete``: only those whose save
+        finished -- a process killed while saving leaves a folder without its trainer_state.json (the
+        Trainer writes it last), which is no checkpoint."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = []
+        for p in self.checkpoints_dir.iterdir():
+            step = checkpoint_step(p)
+            if step is not None and p.is_dir() and (not complete or (p / "trainer_state.json").is_file()):
+                found.append((step, p))
+        return sorted(found)
+
     def last_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint. A process killed while saving leaves a checkpoint folder
-        without its trainer_state.json (the Trainer writes it last): such a folder is passed over."""
-        if not self.checkpoints.is_dir():
-            return None
-        steps = []
-        for p in self.checkpoints.iterdir():
-            step = p.name.removeprefix("checkpoint-")
-            if p.is_dir() and p.name.startswith("checkpoint-") and step.isdigit() and (p / "trainer_state.json").is_file():
-                steps.append((int(step), p))
-        return max(steps)[1] if steps else None
+        """The newest complete checkpoint."""
+        found = self.checkpoints()
+        return found[-1][1] if found else None
 
     def delete(self) -> None:
         shutil.rmtree(self.path)
+
+
+def checkpoint_step(path: Path | str) -> int | None:
+    """The step of a ``checkpoint-<step>`` folder name; None for any other name."""
+    name = Path(path).name
+    step = name.removeprefix("checkpoint-")
+    return int(step) if name.startswith("checkpoint-") and step.isdigit() else None
 
 
 def _json_number(x):

@@ -9,7 +9,8 @@ import torch
 
 from qlora_studio.chat import generate_batch, load_chat_model, load_run_model, merge_run, reply
 from qlora_studio.runs import RunFolder
-from qlora_studio.training import TrainConfig, prepare_run, run_training
+from qlora_studio.config import TrainConfig
+from qlora_studio.training import prepare_run, run_training
 
 PROMPTS = [[{"role": "user", "content": f"Show {t} with id {k}"}] for t, k in [("orders", 7), ("regions", 3), ("products", 41)]]
 

@@ -23,7 +23,9 @@ from qlora_studio import diagnose as dg
 from qlora_studio.diagnose import Diagnoser, Finding, Fix, data_findings, diagnose, diagnose_run, oom_findings, underused_findings
 from qlora_studio.manager import RunManager
 from qlora_studio.runs import RunFolder
-from qlora_studio.training import TrainConfig, good_checkpoints, prepare_run, run_training
+from qlora_studio.config import TrainConfig
+from qlora_studio.recovery import good_checkpoints
+from qlora_studio.training import prepare_run, run_training
 
 from conftest import write_sql_like_data
 
@@ -181,14 +183,14 @@ def test_zero_loss_is_an_error_and_fp16_overflow_steps_are_a_note_until_they_per
     d = Diagnoser({"learning_rate": 2e-4})
     [zero] = d.add({"type": "train", "step": 1, "loss": 0.0, "lr": 2e-4, "grad_norm": 0.0})
     assert (zero.kind, zero.severity) == ("nonfinite", "error") and d.stop_reason is None
-    fp16 = Diagnoser({"learning_rate": 2e-4, "device_plan": {"compute_dtype": "float16"}})
+    fp16 = Diagnoser({"learning_rate": 2e-4, "precision": "fp16"})
     notes = fp16.add_all([{"type": "train", "step": s, "loss": 2.0, "lr": 2e-4, "grad_norm": float("inf")} for s in (1, 2, 3)])
     assert [(f.severity, f.step) for f in notes] == [("info", 1)] and fp16.stop_reason is None
     fp16.add({"type": "train", "step": 4, "loss": 2.0, "lr": 2e-4, "grad_norm": 0.5})  # the scaler found its level
     persisting = fp16.add_all([{"type": "train", "step": s, "loss": 2.0, "lr": 2e-4, "grad_norm": float("nan")}
                                for s in range(5, 5 + dg.FP16_SKIPPED_STEPS_LIMIT)])
     assert [(f.severity, f.step) for f in persisting if f.kind == "nonfinite"] == [("error", 4 + dg.FP16_SKIPPED_STEPS_LIMIT)]
-    bf16 = Diagnoser({"learning_rate": 2e-4, "device_plan": {"compute_dtype": "bfloat16"}})
+    bf16 = Diagnoser({"learning_rate": 2e-4, "precision": "bf16"})
     [f] = bf16.add({"type": "train", "step": 1, "loss": 2.0, "lr": 2e-4, "grad_norm": float("inf")})
     assert f.severity == "error" and bf16.stop_reason is f
 
@@ -330,7 +332,9 @@ def test_out_of_memory_recovers_by_itself(studio_home, tiny_llama, clean_data):
     assert status["state"] == "completed", status.get("error")
     [rec] = status["recoveries"]
     assert (rec["step"], rec["batch_size"], rec["grad_accum"], rec["resumed_from"]) == (8, [4, 2], [1, 2], "checkpoint-6")
-    assert (run.config()["batch_size"], run.config()["grad_accum"]) == (2, 2)
+    assert (run.config()["batch_size"], run.config()["grad_accum"]) == (4, 1), "the user's settings stay as given"
+    plan = run.plan()
+    assert (plan["plan"]["batch_size"], plan["plan"]["grad_accum"]) == (2, 2) and plan["recoveries"] == [rec]
     assert [r["step"] for r in _train_records(run)] == list(range(1, 13))  # steps 7-8 redone once, no gaps
     assert "recovering automatically (1 of 3): micro-batch 4 -> 2" in (run.path / "train.log").read_text()
     findings = diagnose_run(run.path)
@@ -345,10 +349,10 @@ def test_nan_stops_the_run_rolls_back_and_the_fix_completes(studio_home, tiny_ll
     train = _train_records(run)
     bad = next(r["step"] for r in train if not math.isfinite(r["loss"]))
     assert train[-1]["step"] == bad == 8, "stopped at the first non-finite step"
-    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["checkpoint-3", "checkpoint-6"], "nothing saved after"
+    assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["checkpoint-3", "checkpoint-6"], "nothing saved after"
     assert [p.name for p in good_checkpoints(run)] == ["checkpoint-3", "checkpoint-6"]
     assert (run.adapter / "adapter_model.safetensors").read_bytes() == (
-        run.checkpoints / "checkpoint-6" / "adapter_model.safetensors").read_bytes(), "rolled back to the last good"
+        run.checkpoints_dir / "checkpoint-6" / "adapter_model.safetensors").read_bytes(), "rolled back to the last good"
     [f] = _alarms(diagnose_run(run.path))
     assert (f.kind, f.severity, f.step) == ("nonfinite", "error", 8)
     assert f.fixes[0].changes == {"learning_rate": 1.5e-3} and f.fixes[0].from_step == 6
@@ -383,7 +387,7 @@ def test_overfitting_from_a_tiny_data_set_and_stopping_at_the_best_checkpoint(st
     [f] = [f for f in diagnose_run(run.path) if f.kind == "overfitting"]
     best = f.details["best_step"]
     assert f.severity == "warning" and f.fixes[0].changes == {"max_steps": best}
-    assert (run.checkpoints / f"checkpoint-{best}").is_dir(), "the best checkpoint survives rotation"
+    assert (run.checkpoints_dir / f"checkpoint-{best}").is_dir(), "the best checkpoint survives rotation"
     child, child_status = _apply_first_fix(run, f)
     assert child_status["state"] == "completed", child_status.get("error")
     assert child.config()["max_steps"] == 0 and _train_records(child) == []

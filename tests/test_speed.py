@@ -7,8 +7,13 @@ import json
 import pytest
 import torch
 
-from qlora_studio.training import (DevicePlan, PackedBatches, TrainConfig, keep_4bit_weights_trainable,
-                                   load_base_model, packing_respected, prepare_run, run_training, speed_plan)
+from qlora_studio.batching import PackedBatches, packing_respected
+from qlora_studio.compat import keep_4bit_weights_trainable
+from qlora_studio.config import TrainConfig
+from qlora_studio.errors import ConfigError
+from qlora_studio.loading import load_base_model
+from qlora_studio.plan import Machine, plan_run
+from qlora_studio.training import prepare_run, run_training
 
 
 def _varied_data(path, n=24):
@@ -23,7 +28,7 @@ def _varied_data(path, n=24):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_rows_keep_examples_apart_in_4bit(tiny_llama, attention):
-    model = load_base_model(tiny_llama, "nf4", "bfloat16", "cpu", attention=attention)
+    model = load_base_model(tiny_llama, "nf4", "bf16", "cpu", attention=attention)
     keep_4bit_weights_trainable(model)
     ok, why = packing_respected(model)
     assert ok, why
@@ -75,8 +80,8 @@ def test_packed_and_padded_batches_learn_the_same(studio_home, tiny_llama, tmp_p
         assert status["state"] == "completed", status.get("error")
         runs[batching] = run
     packed, padded = ([r for r in runs[b].metrics() if r["type"] == "train"] for b in ("packed", "padded"))
-    assert runs["packed"].config()["speed"]["packing"] is True
-    assert runs["padded"].config()["speed"]["packing"] is False
+    assert runs["packed"].plan()["plan"]["batching"] == "packed" and runs["packed"].plan()["adjustments"] == []
+    assert runs["padded"].plan()["plan"]["batching"] == "padded"
     assert len(packed) == len(padded) == 6
     assert packed[0]["loss"] == pytest.approx(padded[0]["loss"], rel=0.02)
     for a, b in zip(packed, padded):
@@ -90,9 +95,9 @@ def test_grouped_batches_are_recorded_and_train(studio_home, tiny_llama, tmp_pat
                       eval_fraction=0.0, quant="nf4", batching="grouped", attention="sdpa", gradient_checkpointing=True)
     run = prepare_run(cfg)
     assert run_training(run)["state"] == "completed"
-    speed = run.config()["speed"]
-    assert speed == {**speed, "batching": "grouped", "packing": False, "attention": "sdpa", "gradient_checkpointing": True}
-    assert "speed: attention sdpa; gradient checkpointing on (as configured); padded batches grouped by length" in \
+    plan = run.plan()["plan"]
+    assert plan == {**plan, "batching": "grouped", "attention": "sdpa", "gradient_checkpointing": True}
+    assert "speed: attention sdpa; gradient checkpointing on (as configured); batching grouped (as configured)" in \
         (run.path / "train.log").read_text()
 
 
@@ -102,23 +107,24 @@ def test_checkpointing_is_automatic_on_the_cpu_and_stays_on_for_a_gpu(tiny_llama
 
     arch = load_architecture(tiny_llama)
     cfg = TrainConfig(model=str(tiny_llama), data="x.jsonl")
-    cpu = DevicePlan("cpu", "bfloat16", "adamw_torch", "")
-    plan = speed_plan(cfg, cpu, arch)
-    assert plan.gradient_checkpointing is False and plan.why.startswith("off") and plan.attention == "eager"
-    huge = TrainConfig(model=str(tiny_llama), data="x.jsonl", batch_size=4096, max_seq_len=65536)
     _, available = ram_bytes()
-    big = speed_plan(huge, cpu, arch)
-    assert big.gradient_checkpointing is True and "GiB" in big.why and available
-    gpu = DevicePlan("cuda", "bfloat16", "paged_adamw_8bit", "")
-    assert speed_plan(cfg, gpu, arch).gradient_checkpointing is True and speed_plan(cfg, gpu, arch).attention == "sdpa"
-    assert speed_plan(TrainConfig(model="m", data="x", gradient_checkpointing=False), gpu).gradient_checkpointing is False
-    assert speed_plan(cfg, cpu, None).gradient_checkpointing is True  # unknown size: the safe choice
+    cpu = Machine("cpu", ram_available_bytes=available)
+    plan = plan_run(cfg, cpu, arch)
+    assert plan.gradient_checkpointing is False and "under half" in plan.reasons["gradient_checkpointing"]
+    assert plan.attention == "eager"
+    huge = TrainConfig(model=str(tiny_llama), data="x.jsonl", batch_size=4096, max_seq_len=65536)
+    big = plan_run(huge, cpu, arch)
+    assert big.gradient_checkpointing is True and "GiB" in big.reasons["gradient_checkpointing"] and available
+    gpu = Machine("cuda", "RTX 3060", (8, 6), 12 * 2**30, 12 * 2**30)
+    assert plan_run(cfg, gpu, arch).gradient_checkpointing is True and plan_run(cfg, gpu, arch).attention == "sdpa"
+    off = TrainConfig(model="m", data="x", gradient_checkpointing=False)
+    assert plan_run(off, gpu, arch).gradient_checkpointing is False
+    unknown = plan_run(cfg, cpu, None, module_names=["q_proj", "v_proj"], n_params=10**6)
+    assert unknown.gradient_checkpointing is True and unknown.memory is None  # unknown size: the safe choice
 
 
 def test_speed_settings_are_validated():
-    from qlora_studio.training import TrainingError
-
-    for bad in ({"batching": "sorted"}, {"attention": "flash"}, {"gradient_checkpointing": "yes"}):
-        with pytest.raises(TrainingError) as e:
+    for bad in ({"batching": "sorted"}, {"attention": "flash"}, {"gradient_checkpointing": "maybe"}):
+        with pytest.raises(ConfigError) as e:
             TrainConfig.from_dict({"data": "x.jsonl", **bad})
         assert next(iter(bad)) in str(e.value)

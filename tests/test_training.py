@@ -9,10 +9,14 @@ import time
 
 import pytest
 
+from qlora_studio.compat import keep_4bit_weights_trainable
+from qlora_studio.config import TrainConfig
+from qlora_studio.errors import ConfigError
 from qlora_studio.manager import RunBusy, RunManager
-from qlora_studio.presets import ConfigError, load_config_file, load_preset
+from qlora_studio.plan import auto_lora
+from qlora_studio.presets import load_config_file, load_preset
 from qlora_studio.runs import RunFolder, list_runs
-from qlora_studio.training import TrainConfig, TrainingError, auto_lora, keep_4bit_weights_trainable, prepare_run, run_training
+from qlora_studio.training import prepare_run, run_training
 
 
 def _losses(run):
@@ -25,9 +29,11 @@ def test_tiny_llama_run_writes_a_complete_run_folder(studio_home, tiny_llama, to
     run = prepare_run(cfg)
     status = run_training(run)
     assert status["state"] == "completed", status.get("error")
-    config = run.config()
-    assert config["data_sha256"] and config["lora"]["rank"] == 16 and config["device_plan"]["optimizer"] == "adamw_torch"
-    assert 0 < config["trainable_share"] < 1
+    config, plan = run.config(), run.plan()
+    assert config["data_sha256"] and plan["plan"]["rank"] == 16 and plan["plan"]["optimizer"] == "adamw_torch"
+    assert set(config) == set(TrainConfig.known()) | {"data_sha256"}, "config.json holds the settings as given"
+    assert config["rank"] is None and config["optimizer"] is None, "automatic stays automatic in config.json"
+    assert 0 < plan["model"]["trainable_share"] < 1 and plan["schedule"]["total_steps"] == 8
     train = [r for r in run.metrics() if r["type"] == "train"]
     evals = [r for r in run.metrics() if r["type"] == "eval"]
     assert [r["step"] for r in train] == list(range(1, 9))
@@ -52,7 +58,7 @@ def test_embedded_model_learns_in_4bit(studio_home, toy_data, quant):
     assert status["state"] == "completed", status.get("error")
     losses = _losses(run)
     assert losses[-1] < 0.5 * losses[0], losses
-    assert run.config()["device_plan"]["compute_dtype"] == "bfloat16"
+    assert run.plan()["plan"]["precision"] == "bf16"
 
 
 def test_a_4bit_model_stays_trainable_after_eval_mode_generation(embedded_path):
@@ -60,9 +66,9 @@ def test_a_4bit_model_stays_trainable_after_eval_mode_generation(embedded_path):
     repacked layer passes no gradient to its input. keep_4bit_weights_trainable undoes and prevents it."""
     import torch
 
-    from qlora_studio.training import load_base_model
+    from qlora_studio.loading import load_base_model
 
-    model = load_base_model(embedded_path, "nf4", "bfloat16", "cpu")
+    model = load_base_model(embedded_path, "nf4", "bf16", "cpu")
     layer = model.model.layers[0].self_attn.q_proj
     packed_shape = tuple(layer.weight.shape)
     model.eval()
@@ -115,16 +121,16 @@ def test_killed_process_leaves_an_interrupted_run_that_resumes(studio_home, tiny
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run = RunFolder(studio_home / "runs" / "killed")
     deadline = time.time() + 180
-    while time.time() < deadline and not (run.checkpoints / "checkpoint-6").is_dir():
+    while time.time() < deadline and not (run.checkpoints_dir / "checkpoint-6").is_dir():
         time.sleep(0.2)
-    assert (run.checkpoints / "checkpoint-6").is_dir(), proc.stdout.read() if proc.poll() is not None else "timeout"
+    assert (run.checkpoints_dir / "checkpoint-6").is_dir(), proc.stdout.read() if proc.poll() is not None else "timeout"
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     [record] = list_runs()
     assert record.state == "interrupted" and record.resumable
     # A save cut short by a kill (a checkpoint folder without trainer_state.json) is never resumed from.
-    torn = run.checkpoints / "checkpoint-999"
+    torn = run.checkpoints_dir / "checkpoint-999"
     torn.mkdir()
     (torn / "adapter_model.safetensors").write_bytes(b"")
     assert run.last_checkpoint().name != "checkpoint-999"
@@ -179,13 +185,13 @@ def test_cpu_demo_preset_resolves_its_shipped_data():
 def test_auto_lora_by_size_and_task():
     names = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     attn = ["k_proj", "o_proj", "q_proj", "v_proj"]
-    small = auto_lora(names, int(0.5e9), None, TrainConfig(data="x"))
-    assert small["targets"] == sorted(names) and small["rank"] == 16 and small["alpha"] == 32
-    big = auto_lora(names, int(7e9), None, TrainConfig(data="x"))
-    assert big["targets"] == attn
-    assert auto_lora(names, int(7e9), "sql", TrainConfig(data="x"))["targets"] == sorted(names)
-    assert auto_lora(names, int(70e9), None, TrainConfig(data="x"))["rank"] == 8
-    over = auto_lora(names, int(7e9), None, TrainConfig(data="x", rank=4, targets=["q_proj", "v_proj"]))
-    assert (over["rank"], over["alpha"], over["targets"]) == (4, 8, ["q_proj", "v_proj"])
-    with pytest.raises(TrainingError, match="not linear layers"):
-        auto_lora(names, int(7e9), None, TrainConfig(data="x", targets=["c_attn"]))
+    rank, alpha, targets, _ = auto_lora(TrainConfig(data="x"), names, None, int(0.5e9))
+    assert targets == sorted(names) and rank == 16 and alpha == 32
+    assert auto_lora(TrainConfig(data="x"), names, None, int(7e9))[2] == attn
+    assert auto_lora(TrainConfig(data="x"), names, set(attn), int(7e9))[2] == attn, "roles from the architecture"
+    assert auto_lora(TrainConfig(data="x", task="sql"), names, None, int(7e9))[2] == sorted(names)
+    assert auto_lora(TrainConfig(data="x"), names, None, int(70e9))[0] == 8
+    over = auto_lora(TrainConfig(data="x", rank=4, targets=["q_proj", "v_proj"]), names, None, int(7e9))
+    assert over[:3] == (4, 8, ["q_proj", "v_proj"])
+    with pytest.raises(ConfigError, match="not linear layers"):
+        auto_lora(TrainConfig(data="x", targets=["c_attn"]), names, None, int(7e9))

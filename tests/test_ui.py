@@ -33,7 +33,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 SHOTS = ROOT / "artifacts" / "screenshots"
 RUN_NAME = "ui-journey"
 # A run long enough to still be going when we stop it; small enough to step in about a second on a CPU.
-RUN_SETTINGS = {"#f-max-steps": "400", "#f-batch": "2", "#f-seq": "128", "#f-eval": "0"}
+RUN_SETTINGS = {"#f-max-steps": "400", "#f-batch-size": "2", "#f-max-seq-len": "128", "#f-eval-fraction": "0"}
 
 
 def _free_port() -> int:
@@ -249,10 +249,8 @@ def test_training_runs_live_refuses_a_second_start_and_stops(page):
     wait_for(lambda: page.locator("#run-state").inner_text() == "stopped", 180, "the run to stop")
     assert plot_points(page, "loss-plot") >= 2
     assert "stopped at step" in page.locator("#run-log textarea").input_value()
-    from qlora_studio.ui.findings import NOT_AVAILABLE, diagnosis_module
-
     panel = page.locator("#findings").inner_text()
-    assert (NOT_AVAILABLE in panel) == (diagnosis_module() is None)
+    assert panel.strip(), "the findings panel says something (findings, or that nothing looks wrong)"
     page.locator("#advanced button.label-wrap, #advanced > button").first.click()  # fold it for the screenshot
     shot(page, "train")
 
@@ -300,15 +298,10 @@ def test_chat_replies_from_the_merged_model(page, server):
 
 
 def test_help_tab(page):
-    from qlora_studio.ui.findings import NOT_AVAILABLE, diagnosis_module
-
     open_tab(page, "help")
     guide = page.locator("#help-guide")
     guide.wait_for()
-    if diagnosis_module() is None:
-        assert guide.inner_text().strip() == NOT_AVAILABLE
-    else:
-        assert NOT_AVAILABLE not in guide.inner_text()
+    assert "NaN" in guide.inner_text() and "out of memory" in guide.inner_text().lower()
     shot(page, "help")
 
 

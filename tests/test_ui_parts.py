@@ -69,7 +69,7 @@ def test_the_page_script_goes_first_in_the_page_head_and_nowhere_else():
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from qlora_studio.ui.app import FRAME_GUARD, PageScript
+    from qlora_studio.ui.gradio_compat import FRAME_GUARD, PageScript
 
     page = "<!doctype html><html><head><title>t</title><script type=module src=a.js></script></head><body>x</body></html>"
     app = Starlette(routes=[Route("/", lambda r: HTMLResponse(page)), Route("/config", lambda r: JSONResponse({"a": 1})),
@@ -158,16 +158,16 @@ def test_run_view_reads_only_what_was_appended(tmp_path):
         f.write("}\n")
     assert view.refresh() is True and view.last_eval["eval_loss"] == 0.5 and len(view.eval_loss) == 1
     assert view.seconds_per_step() == pytest.approx(1.0)
-    loss_json, dyn_json = view.figures({})
+    loss_json, dyn_json = view.figures(None)
     loss_fig, dyn_fig = json.loads(loss_json), json.loads(dyn_json)
     assert _values(loss_fig["data"][0]["x"]) == [1, 2, 3, 4, 5] and loss_fig["data"][1]["name"] == "eval loss"
     assert _values(loss_fig["data"][1]["y"]) == [0.5]
-    assert view.figures({})[0] is loss_json  # built once per change, shared by every page
+    assert view.figures(None)[0] is loss_json  # built once per change, shared by every page
     assert dyn_fig["layout"]["annotations"][3]["text"].startswith("process memory")
     assert _values(dyn_fig["data"][2]["y"]) == [100.0] * 5
     _append(run / "metrics.jsonl", [{"type": "train", "step": 6, "time": 1006.0, "loss": float("nan")}])
     view.refresh()
-    assert _values(json.loads(view.figures({})[0])["data"][0]["y"])[-1] is None  # NaN: a gap (valid JSON)
+    assert _values(json.loads(view.figures(None)[0])["data"][0]["y"])[-1] is None  # NaN: a gap (valid JSON)
 
 
 def test_a_page_watching_a_cpu_run_polls_and_redraws_less_often(tmp_path, monkeypatch):
@@ -181,7 +181,8 @@ def test_a_page_watching_a_cpu_run_polls_and_redraws_less_often(tmp_path, monkey
     trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the run's live process
     run = tmp_path / "runs" / "watched"
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"name": "watched", "device_plan": {"device": "cpu"}}))
+    (run / "config.json").write_text(json.dumps({"name": "watched"}))
+    (run / "plan.json").write_text(json.dumps({"plan": {"device": "cpu"}}))
     status = {"state": "running", "phase": "training", "pid": trainer.pid, "host": socket.gethostname(),
               "step": 1, "total_steps": 100, "started_at": time.time()}
     (run / "status.json").write_text(json.dumps(status))
@@ -189,19 +190,20 @@ def test_a_page_watching_a_cpu_run_polls_and_redraws_less_often(tmp_path, monkey
 
     try:
         out = train.poll(str(run), {})
-        assert out[-1].value == train.POLL_CPU_S  # the page is told to ask less often, and says so
-        assert f"refreshes every {train.POLL_CPU_S:.0f} s" in out[1]
-        assert out[2] != train.gr.skip() and out[2] is not None  # the first curves are drawn at once ...
+        assert set(out) <= set(train.LIVE_OUTPUTS)
+        assert out["timer"].value == train.POLL_CPU_S  # the page is told to ask less often, and says so
+        assert f"refreshes every {train.POLL_CPU_S:.0f} s" in out["progress"]
+        assert out["loss"] is not None  # the first curves are drawn at once ...
         _append(run / "metrics.jsonl", [{"type": "train", "step": 2, "time": time.time(), "loss": 0.9, "tokens": 20}])
-        again = train.poll(str(run), out[-2])
-        assert again[2] == train.gr.skip() and again[1] != train.gr.skip()  # ... the next only PLOT_EVERY_CPU_S later
+        again = train.poll(str(run), out["seen"])
+        assert "loss" not in again and "progress" in again  # ... the next only PLOT_EVERY_CPU_S later
     finally:
         trainer.kill()
         trainer.wait()
     status.update(state="completed")
     (run / "status.json").write_text(json.dumps(status))
-    done = train.poll(str(run), again[-2])
-    assert done[-1].value == train.POLL_SECONDS and done[2] != train.gr.skip()  # finished: final curves, usual pace
+    done = train.poll(str(run), again["seen"])
+    assert done["timer"].value == train.POLL_SECONDS and "loss" in done  # finished: final curves, usual pace
 
 
 def test_run_view_starts_over_when_a_resume_rewrites_the_metrics(tmp_path):
@@ -225,16 +227,6 @@ def test_run_view_starts_over_when_a_resume_rewrites_the_metrics(tmp_path):
 # ------------------------------------------------------------------ findings
 
 
-def test_findings_say_not_available_without_a_diagnosis_module(monkeypatch):
-    from qlora_studio.ui import findings
-
-    monkeypatch.setitem(sys.modules, "qlora_studio.diagnose", None)  # import fails as if absent
-    assert findings.diagnosis_module() is None
-    assert findings.guide_text() is None
-    assert findings.run_diagnosis(Path("/nonexistent")) is None
-    assert findings.NOT_AVAILABLE in findings.findings_html(None, available=False)
-
-
 def test_the_help_tab_shows_the_troubleshooting_guide():
     from qlora_studio.ui import findings
 
@@ -248,14 +240,13 @@ def _train_rows(steps, loss=lambda i: 2.0 - 0.01 * i):
 
 
 def test_findings_follow_the_run_incrementally_and_offer_fixes(tmp_path):
-    import qlora_studio.diagnose as mod
     from qlora_studio.ui import findings
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"learning_rate": 2e-4, "batch_size": 4, "grad_accum": 1}))
     _append(run / "metrics.jsonl", _train_rows(range(1, 21)))
-    diag = findings.RunDiagnosis(mod, run)
+    diag = findings.RunDiagnosis(run)
     assert diag.update({"state": "running"}) == [] and diag.version == 0
     assert len(diag._diagnoser.train) == 20
     diag.update({"state": "running"})  # a second page polling: nothing is fed twice
@@ -277,14 +268,13 @@ def test_findings_follow_the_run_incrementally_and_offer_fixes(tmp_path):
 def test_findings_start_over_when_a_resume_rewrites_the_metrics(tmp_path):
     import os
 
-    import qlora_studio.diagnose as mod
     from qlora_studio.ui import findings
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
     _append(run / "metrics.jsonl", _train_rows(range(1, 11)))
-    diag = findings.RunDiagnosis(mod, run)
+    diag = findings.RunDiagnosis(run)
     diag.update({"state": "running"})
     _append(run / "metrics.tmp", _train_rows(range(1, 5)))
     os.replace(run / "metrics.tmp", run / "metrics.jsonl")
@@ -335,27 +325,31 @@ def test_run_names_cannot_leave_the_runs_folder(studio_home):
 
 
 def _form_values(**over):
-    from qlora_studio.ui.train import FIELDS, preset_values
+    from qlora_studio.ui.train import FORM_SETTINGS, preset_values
 
     values, _, _ = preset_values("cpu-demo")
     values.update(over)
-    return [values[f] for f, _ in FIELDS]
+    return [values[s.name] for s in FORM_SETTINGS]
 
 
 def test_the_form_builds_the_train_config_and_names_bad_fields():
-    from qlora_studio.training import TrainConfig, TrainingError
+    from qlora_studio.config import TrainConfig
+    from qlora_studio.errors import ConfigError
     from qlora_studio.ui.train import preset_values, settings_from_form
 
     _, settings, _ = preset_values("cpu-demo")
     cfg = TrainConfig.from_dict(settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values(max_steps=0)))
     assert cfg.max_steps is None and cfg.model == "embedded" and cfg.test_data  # 0 = by epochs
-    other = settings_from_form(settings, "assets/chat/train.jsonl", "mine", _form_values(rank=0, targets="auto"))
-    assert other["rank"] is None and other["targets"] is None and "test_data" not in other and other["name"] == "mine"
-    with pytest.raises(ValueError, match="batch_size: needs a whole number"):
-        settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values(batch_size=2.5))
+    other = TrainConfig.from_dict(settings_from_form(settings, "assets/chat/train.jsonl", "mine",
+                                                     _form_values(rank=0, targets="auto", task="none")))
+    assert other.rank is None and other.targets is None and other.task is None
+    assert other.test_data is None and other.name == "mine"
+    with pytest.raises(ConfigError, match="settings: batch_size: must be a whole number"):
+        TrainConfig.from_dict(settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values(batch_size=2.5)),
+                              source="settings")
     with pytest.raises(ValueError, match="data: nope.jsonl: no such file"):
         settings_from_form(settings, "nope.jsonl", "", _form_values())
-    with pytest.raises(TrainingError, match="learning_rate"):
+    with pytest.raises(ConfigError, match="learning_rate"):
         TrainConfig.from_dict(settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values(learning_rate=5)))
 
 
@@ -364,26 +358,31 @@ def test_the_speed_settings_on_the_form_and_what_automatic_resolves_to():
 
     from qlora_studio.ui.train import preset_values, resolved_yaml, settings_from_form
 
+    from qlora_studio.config import TrainConfig
+    from qlora_studio.errors import ConfigError
+
+    def config(**over):
+        return TrainConfig.from_dict(settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values(**over)))
+
     values, settings, _ = preset_values("cpu-demo")
     assert values["gradient_checkpointing"] == values["batching"] == values["attention"] == "auto"
-    auto = settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values())
-    assert auto["gradient_checkpointing"] is None and auto["batching"] is None and auto["attention"] is None
-    forced = settings_from_form(settings, "assets/sql/train.jsonl", "",
-                                _form_values(gradient_checkpointing="on", batching="grouped", attention="sdpa"))
-    assert forced["gradient_checkpointing"] is True and forced["batching"] == "grouped" and forced["attention"] == "sdpa"
-    assert settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values(gradient_checkpointing="off"))[
-        "gradient_checkpointing"] is False
-    with pytest.raises(ValueError, match="gradient_checkpointing"):
-        settings_from_form(settings, "assets/sql/train.jsonl", "", _form_values(gradient_checkpointing="maybe"))
+    auto = config()
+    assert auto.gradient_checkpointing is None and auto.batching is None and auto.attention is None
+    forced = config(gradient_checkpointing="on", batching="grouped", attention="sdpa")
+    assert forced.gradient_checkpointing is True and forced.batching == "grouped" and forced.attention == "sdpa"
+    assert config(gradient_checkpointing="off").gradient_checkpointing is False
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        config(gradient_checkpointing="maybe")
     text = resolved_yaml(settings, "assets/sql/train.jsonl", "", *_form_values())
-    resolved = yaml.safe_load(text)["automatic"]
+    plan = yaml.safe_load(text)["plan"]
     # this machine has no GPU: eager attention, and checkpointing off because the demo fits in RAM
-    assert resolved["attention"] == "eager" and resolved["gradient_checkpointing"].startswith("off: about")
-    assert resolved["batching"].startswith("packed")
-    gpu_gb = float(resolved["estimated_gpu_peak"].split()[0])
+    assert plan["device"] == "cpu" and plan["precision"] == "bf16" and plan["attention"] == "eager"
+    assert plan["gradient_checkpointing"] is False and plan["batching"] == "packed"
+    assert "# gradient checkpointing: off -- about" in text and "# attention: eager -- fastest measured" in text
+    off_gb = float(plan["estimated_peak"].split()[0])
     on = yaml.safe_load(resolved_yaml(settings, "assets/sql/train.jsonl", "",
-                                      *_form_values(gradient_checkpointing="on")))["automatic"]
-    assert float(on["estimated_gpu_peak"].split()[0]) == gpu_gb  # a GPU's estimate keeps checkpointing on
+                                      *_form_values(gradient_checkpointing="on")))["plan"]
+    assert on["gradient_checkpointing"] is True and float(on["estimated_peak"].split()[0]) < off_gb
 
 
 def test_log_tail_leaves_tracebacks_out(tmp_path):
@@ -440,3 +439,26 @@ def test_the_chat_sample_is_usable_chat_data():
 
     examples, report = load_examples(ROOT / "assets" / "chat" / "train.jsonl")
     assert report.format == "chat" and report.usable == report.rows >= 200 and not report.warnings
+
+
+def test_a_run_started_from_the_form_runs_the_plan_its_preview_showed(studio_home, tiny_llama, toy_data):
+    import yaml
+
+    from qlora_studio.manager import get_manager
+    from qlora_studio.runs import RunFolder
+    from qlora_studio.ui import train
+
+    _, settings, _ = train.preset_values("cpu-demo")
+    values = _form_values(model=str(tiny_llama), max_steps=2, max_seq_len=64, eval_fraction=0, rank=0)
+    cfg, preview = train.form_plan(settings, str(toy_data), "from-form", *values)
+    shown = yaml.safe_load(train.resolved_yaml(settings, str(toy_data), "from-form", *values))["plan"]
+    assert shown["rank"] == preview.rank == 16 and shown["targets"] == preview.targets  # what the page shows
+    out = train.start(settings, str(toy_data), "from-form", *values)
+    assert "Started from-form" in out["notice"], out
+    status = get_manager().wait(300)
+    assert status["state"] == "completed", status.get("error")
+    run = RunFolder(out["watched"])
+    doc = run.plan()
+    assert doc["plan"] == preview.to_dict(), "plan.json is the plan the preview showed"
+    assert doc["adjustments"] == [] and doc["checks"]["packing"].startswith("packed logits match")
+    assert run.config()["rank"] is None and run.config()["max_steps"] == 2  # the settings as given

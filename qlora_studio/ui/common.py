@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..errors import StudioError
 from ..home import runs_dir, studio_home
 from ..presets import PROJECT_DIR
 
@@ -80,31 +81,17 @@ MODEL_CHOICES = [
     "meta-llama/Llama-3.1-8B-Instruct",
     "HuggingFaceTB/SmolLM2-360M-Instruct",
 ]
-# The catalog name the estimator knows the embedded model by.
-EMBEDDED_ARCH = "SmolLM2-135M"
 
 
 # ------------------------------------------------------------------ errors as messages
 
 
-def _known_errors() -> tuple[type, ...]:
-    from ..catalog import ArchitectureError
-    from ..chat import ChatError
-    from ..data import DataError
-    from ..manager import RunBusy
-    from ..models import ModelError
-    from ..presets import ConfigError
-    from ..runs import RunError
-    from ..training import TrainingError
-
-    return (ArchitectureError, ChatError, DataError, RunBusy, ModelError, ConfigError, RunError, TrainingError)
-
-
 def friendly(e: BaseException) -> str:
-    """One line for a person: the core's own message for the errors it raises on purpose (they name
-    the file, line and field), a short description otherwise. The traceback goes to the server log."""
-    if isinstance(e, _known_errors()):
-        return str(e)
+    """One line for a person: the core's own message for the errors it raises on purpose (a
+    `StudioError`: it names the file, line and field), a short description otherwise. The traceback
+    goes to the server log."""
+    if isinstance(e, StudioError):
+        return e.user_text()
     if isinstance(e, (ValueError, FileNotFoundError, PermissionError)):
         return str(e) or type(e).__name__
     if isinstance(e, MemoryError):
@@ -303,17 +290,6 @@ def tail_lines(path: Path, n: int = 14, max_bytes: int = 16384) -> list[str]:
 # ------------------------------------------------------------------ model helpers
 
 
-def architecture_for(model: str):
-    """The estimator's architecture for a model spec ("embedded", a catalog name, Hub id or folder)."""
-    from ..catalog import load_architecture
-    from ..models import EMBEDDED_NAMES
-
-    spec = (model or "").strip()
-    if spec.lower() in EMBEDDED_NAMES:
-        return load_architecture(EMBEDDED_ARCH)
-    return load_architecture(spec)
-
-
 _tokenizers: dict[str, object] = {}
 _tok_lock = threading.Lock()
 
@@ -321,7 +297,7 @@ _tok_lock = threading.Lock()
 def tokenizer_for(model: str):
     """The model's tokenizer with its chat template (cached per model)."""
     from ..models import resolve_model
-    from ..training import load_tokenizer
+    from ..loading import load_tokenizer
 
     spec = (model or DEFAULT_MODEL).strip()
     with _tok_lock:

@@ -1,74 +1,35 @@
-"""The findings panel and the Help tab's guide, from `qlora_studio.diagnose` when this build has it.
-
-The diagnosis module (detectors, the troubleshooting guide) is separate work; the app holds no
-detectors of its own. When ``qlora_studio.diagnose`` cannot be imported, both places say
-"diagnosis not available in this build". When it can:
+"""The findings panel: `qlora_studio.diagnose` over a run, kept current while the page watches.
 
 - during a run, an incremental ``Diagnoser`` is fed only the records each poll adds (plus the data
   findings and an out-of-memory recovery from the status);
 - when the run has finished, ``diagnose(records, config=, status=, summary=, data_report=)`` runs
   once on everything, with the summary.
 
-Each finding is shown with its fixes in the order to try them; a fix that changes settings can be
-applied from the Train tab as a new run (`RunManager.apply_fix`).
+Both see the run's settings as they ran (`diagnose.settings_view`: config.json with plan.json's
+resolved micro-batch, device, precision and length). Each finding is shown with its fixes in the order
+to try them; a fix that changes settings can be applied from the Train tab as a new run
+(`RunManager.apply_fix`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import inspect
 import logging
+import os
 import threading
 from pathlib import Path
 
+from .. import diagnose
+from ..runs import read_metrics_from
 from .common import esc, read_json
 
 log = logging.getLogger("qlora_studio.ui")
 
-NOT_AVAILABLE = "diagnosis not available in this build"
 FINAL_STATES = ("completed", "stopped", "failed", "interrupted")
 
 
-def diagnosis_module():
-    """``qlora_studio.diagnose``, or None when this build has no diagnosis (or it fails to import)."""
-    try:
-        return importlib.import_module("qlora_studio.diagnose")
-    except ModuleNotFoundError as e:
-        if e.name != "qlora_studio.diagnose":
-            log.warning("qlora_studio.diagnose cannot be imported: %s", e)
-        return None
-    except Exception as e:  # a broken module must not take the app down
-        log.warning("qlora_studio.diagnose failed to import: %s", e)
-        return None
-
-
-def guide_text() -> str | None:
-    """The troubleshooting guide (qlora_studio/guide.md) when diagnosis is available."""
-    mod = diagnosis_module()
-    if mod is None:
-        return None
-    for candidate in (getattr(mod, "GUIDE_PATH", None), Path(mod.__file__).with_name("guide.md")):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate).read_text(encoding="utf-8")
-    text = getattr(mod, "guide", None)
-    if callable(text):
-        try:
-            return str(text())
-        except Exception as e:
-            log.warning("diagnose.guide() failed: %s", e)
-    return None
-
-
-def _call_with_known_kwargs(fn, *args, **kwargs):
-    """Call ``fn`` with only the keyword arguments its signature accepts."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args, **kwargs)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+def guide_text() -> str:
+    """The troubleshooting guide (qlora_studio/guide.md), for the Help tab."""
+    return diagnose.GUIDE_PATH.read_text(encoding="utf-8")
 
 
 class RunDiagnosis:
@@ -80,8 +41,7 @@ class RunDiagnosis:
     once over everything, with the status and the summary (out-of-memory, an under-used card).
     """
 
-    def __init__(self, mod, run_path: Path):
-        self.mod = mod
+    def __init__(self, run_path: Path):
         self.path = Path(run_path)
         self.findings: list = []
         self.version = 0
@@ -92,12 +52,12 @@ class RunDiagnosis:
         self._data: list | None = None
         self._final_key = None
 
-    def _config(self) -> dict:
-        return read_json(self.path / "config.json", {}) or {}
+    def _settings(self) -> dict:
+        return diagnose.settings_view(read_json(self.path / "config.json", {}), read_json(self.path / "plan.json", {}))
 
     def _set(self, findings) -> None:
         findings = list(findings or [])
-        if [_as_dict(f) for f in findings] != [_as_dict(f) for f in self.findings]:
+        if [f.to_dict() for f in findings] != [f.to_dict() for f in self.findings]:
             self.findings = findings
             self.version += 1
 
@@ -110,10 +70,6 @@ class RunDiagnosis:
             return self.findings
 
     def _update(self, status: dict) -> None:
-        import os
-
-        from ..runs import read_metrics_from
-
         metrics = self.path / "metrics.jsonl"
         state = status.get("state")
         if state in FINAL_STATES:
@@ -121,9 +77,9 @@ class RunDiagnosis:
             if key != self._final_key:
                 self._final_key = key
                 records, _ = read_metrics_from(metrics)
-                self._set(_call_with_known_kwargs(
-                    self.mod.diagnose, records, config=self._config(), status=status,
-                    summary=read_json(self.path / "summary.json"), data_report=read_json(self.path / "data_report.json")))
+                self._set(diagnose.diagnose(records, config=self._settings(), status=status,
+                                            summary=read_json(self.path / "summary.json"),
+                                            data_report=read_json(self.path / "data_report.json")))
             return
         self._final_key = None
         try:
@@ -132,50 +88,33 @@ class RunDiagnosis:
         except FileNotFoundError:
             size, inode = 0, None
         if self._diagnoser is None or (self._inode is not None and inode != self._inode) or size < self._offset:
-            self._diagnoser = _call_with_known_kwargs(self.mod.Diagnoser, config=self._config())
+            self._diagnoser = diagnose.Diagnoser(self._settings())
             self._offset = 0  # a new run, or a resume that rewrote the metrics: start over
         self._inode = inode
         if size > self._offset:
             records, self._offset = read_metrics_from(metrics, self._offset)
             self._diagnoser.add_all(records)
         if self._data is None and (self.path / "data_report.json").is_file():
-            data_findings = getattr(self.mod, "data_findings", None)
-            self._data = list(data_findings(read_json(self.path / "data_report.json"), self._config())) if data_findings else []
-        oom = getattr(self.mod, "oom_findings", None)
-        self._set((self._data or []) + list(self._diagnoser.findings) + (list(oom(status, self._config())) if oom else []))
+            self._data = diagnose.data_findings(read_json(self.path / "data_report.json"), self._settings())
+        self._set((self._data or []) + list(self._diagnoser.findings) + diagnose.oom_findings(status, self._settings()))
 
 
 _diagnoses: dict[str, RunDiagnosis] = {}
 _diag_lock = threading.Lock()
 
 
-def run_diagnosis(run_path: Path) -> RunDiagnosis | None:
-    mod = diagnosis_module()
-    if mod is None:
-        return None
+def run_diagnosis(run_path: Path) -> RunDiagnosis:
     key = str(run_path)
     with _diag_lock:
         if key not in _diagnoses:
             if len(_diagnoses) > 32:
                 _diagnoses.clear()
-            _diagnoses[key] = RunDiagnosis(mod, Path(run_path))
+            _diagnoses[key] = RunDiagnosis(Path(run_path))
         return _diagnoses[key]
 
 
 def _as_dict(finding) -> dict:
-    if isinstance(finding, dict):
-        return finding
-    to_dict = getattr(finding, "to_dict", None)
-    if callable(to_dict):
-        try:
-            return dict(to_dict())
-        except Exception:
-            pass
-    if dataclasses.is_dataclass(finding):
-        return dataclasses.asdict(finding)
-    if hasattr(finding, "__dict__"):
-        return dict(vars(finding))
-    return {"title": str(finding)}
+    return finding if isinstance(finding, dict) else finding.to_dict()
 
 
 SEVERITY_CLASS = {"error": "error", "warning": "warn", "info": "info"}
@@ -185,11 +124,9 @@ def _changes_text(changes: dict) -> str:
     return ", ".join(f"{k} → {v}" for k, v in (changes or {}).items())
 
 
-def findings_html(findings: list | None, available: bool = True, running: bool = False) -> str:
+def findings_html(findings: list | None, running: bool = False) -> str:
     """The findings panel: one card per finding (severity, what, at which step) with its fixes in the
     order to try them."""
-    if not available:
-        return f'<div class="qs-findings qs-muted">{esc(NOT_AVAILABLE)}</div>'
     if not findings:
         what = "nothing found so far" if running else "no findings: nothing looks wrong"
         return f'<div class="qs-findings qs-muted">{esc(what)}</div>'

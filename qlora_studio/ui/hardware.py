@@ -9,7 +9,9 @@ import gradio as gr
 from ..catalog import CATALOG, catalog_names
 from ..estimator import BREAKDOWN_KEYS, HEADROOM, estimate, recommend
 from ..hardware import CPU_STATEMENT, GPU_CATALOG, describe_machine
-from .common import EMBEDDED_ARCH, esc, gib, notice, plot_template, safe
+from ..models import EMBEDDED_ARCH
+from ..plan import precision_for
+from .common import esc, gib, notice, plot_template, safe
 
 DEFAULT_PLAN_CARD = "RTX 3060 12 GB"  # planned for when this machine has no GPU
 SEQ_CHOICES = [128, 256, 512, 1024, 2048, 4096]
@@ -55,8 +57,7 @@ def _card_bytes(card) -> tuple[int, int, str]:
 
 
 def _compute_dtype(card) -> str:
-    dt = card.compute_dtype
-    return dt if dt in ("bf16", "fp16") else "fp16"
+    return precision_for("cuda", card.compute_capability)
 
 
 def machine_html() -> str:
@@ -208,13 +209,17 @@ def wire(ctx) -> None:
         arch = _arch(model_name)
         hub = next((h for h in arch.hub_ids if h.lower().endswith("-instruct")), arch.hub_ids[0] if arch.hub_ids else arch.name)
         model = "embedded" if arch.name == EMBEDDED_ARCH else hub
-        return (model, quant, int(rank), targets, int(batch), int(seq), "on" if ckpt else "off", gr.Tabs(selected="train"),
-                notice(f"Settings from the plan: {model}, {quant}, rank {int(rank)} on {targets}, batch {int(batch)} x "
-                       f"{int(seq)} tokens. Pick your data and press Start.", "info"))
+        form = ctx.tr_form
+        return {form["model"]: model, form["quant"]: quant, form["rank"]: int(rank), form["targets"]: targets,
+                form["batch_size"]: int(batch), form["max_seq_len"]: int(seq),
+                form["gradient_checkpointing"]: "on" if ckpt else "off", ctx.tabs: gr.Tabs(selected="train"),
+                ctx.tr_notice: notice(f"Settings from the plan: {model}, {quant}, rank {int(rank)} on {targets}, batch "
+                                      f"{int(batch)} x {int(seq)} tokens. Pick your data and press Start.", "info")}
 
     def use_error(msg):
-        return (gr.skip(),) * 8 + (notice(msg, "error"),)
+        return {ctx.tr_notice: notice(msg, "error")}
 
+    form = ctx.tr_form
     ctx.hw_use.click(safe(use_error)(use_plan), ctx.hw_controls,
-                     [ctx.tr_model, ctx.tr_quant, ctx.tr_rank, ctx.tr_targets, ctx.tr_batch, ctx.tr_seq, ctx.tr_ckpt,
-                      ctx.tabs, ctx.tr_notice])
+                     [form["model"], form["quant"], form["rank"], form["targets"], form["batch_size"],
+                      form["max_seq_len"], form["gradient_checkpointing"], ctx.tabs, ctx.tr_notice])

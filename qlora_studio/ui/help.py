@@ -1,10 +1,10 @@
-"""Help tab: how the studio is used, and the troubleshooting guide from the diagnosis module."""
+"""Help tab: how the studio is used, and the troubleshooting guide."""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from .findings import NOT_AVAILABLE, guide_text
+from .findings import guide_text
 
 USING = """\
 **How the studio works.** *Hardware & plan* says what this machine (or a card you plan to buy) can
@@ -22,11 +22,7 @@ def build(ctx) -> None:
     gr.Markdown("What a finding means and what to do about it, in plain words.", elem_classes=["qs-tab-intro"])
     gr.Markdown(USING, elem_id="help-using")
     gr.Markdown("## Troubleshooting")
-    guide = guide_text()
-    if guide:
-        gr.Markdown(guide, elem_id="help-guide")
-    else:
-        gr.HTML(f'<div class="qs-notice qs-info" id="help-guide">{NOT_AVAILABLE}</div>')
+    gr.Markdown(guide_text(), elem_id="help-guide")
 
 
 def wire(ctx) -> None:

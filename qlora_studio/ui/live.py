@@ -20,7 +20,7 @@ from collections import deque
 from pathlib import Path
 
 from ..runs import read_metrics_from
-from .common import plot_template, read_json, typed_array
+from .common import plot_template, typed_array
 
 CAP = 400
 
@@ -79,9 +79,6 @@ class RunView:
         self.last_train: dict | None = None
         self.last_eval: dict | None = None
         self.recent: deque = deque(maxlen=20)  # (time, step) of recent train records, for the ETA
-        self.new_records: list[dict] = []  # records of the latest refresh (for incremental diagnosis)
-        self.estimate_mb: float | None = None
-        self._estimate_done = False
         self._figs = None
         self._figs_version = -1
 
@@ -99,19 +96,16 @@ class RunView:
             try:
                 st = os.stat(self.metrics_path)
             except FileNotFoundError:
-                self.new_records = []
                 return False
             # A resumed run rewrites metrics.jsonl (dropping lines after its checkpoint): start over.
             if (self.inode is not None and st.st_ino != self.inode) or st.st_size < self.offset:
                 self._reset()
             self.inode = st.st_ino
             if st.st_size == self.offset:
-                self.new_records = []
                 return False
             records, self.offset = read_metrics_from(self.metrics_path, self.offset)
             for rec in records:
                 self._add(rec)
-            self.new_records = records
             if records:
                 self.version += 1
             return bool(records)
@@ -146,39 +140,18 @@ class RunView:
         (t0, s0), (t1, s1) = self.recent[0], self.recent[-1]
         return (t1 - t0) / (s1 - s0) if s1 > s0 and t1 > t0 else None
 
-    def _memory_estimate_mb(self, config: dict) -> float | None:
-        """The estimator's GPU peak for this run's settings (CUDA runs only; computed once)."""
-        if self._estimate_done or not config.get("lora"):
-            return self.estimate_mb
-        self._estimate_done = True
-        plan = config.get("device_plan") or {}
-        if plan.get("device") != "cuda":
-            return None
-        try:
-            from ..catalog import load_architecture
-            from ..estimator import estimate
-            from ..training import ATTENTION_MODULES
+    @staticmethod
+    def estimate_mb(plan_doc: dict) -> float | None:
+        """The plan's memory estimate (MiB), drawn on a CUDA run's memory curve; None elsewhere."""
+        plan = plan_doc.get("plan") or {}
+        est = (plan.get("memory") or {}).get("estimate_bytes")
+        return est / 2**20 if plan.get("device") == "cuda" and est else None
 
-            lora = config["lora"]
-            targets = "all" if any(t not in ATTENTION_MODULES for t in lora["targets"]) else "attention"
-            quant = config.get("quant", "nf4")
-            est = estimate(load_architecture(config["model_path"]), method="qlora" if quant != "none" else "lora",
-                           quant=None if quant == "none" else quant, double_quant=config.get("double_quant", True),
-                           rank=lora["rank"], targets=targets, batch=config.get("batch_size", 1),
-                           seq=config.get("max_seq_len", 512),
-                           grad_checkpointing=(config.get("speed") or {}).get(
-                               "gradient_checkpointing", config.get("gradient_checkpointing") is not False),
-                           optimizer=plan.get("optimizer", "paged_adamw_8bit"),
-                           compute_dtype="bf16" if plan.get("compute_dtype") == "bfloat16" else "fp16")
-            self.estimate_mb = est.total_bytes / 2**20
-        except Exception:  # an architecture the estimator does not know: no line drawn
-            self.estimate_mb = None
-        return self.estimate_mb
-
-    def figures(self, config: dict | None = None) -> tuple[str, str]:
-        """(loss figure, dynamics figure) as plotly JSON, rebuilt only when new records arrived."""
+    def figures(self, estimate_mb: float | None = None) -> tuple[str, str]:
+        """(loss figure, dynamics figure) as plotly JSON, rebuilt only when new records arrived.
+        ``estimate_mb``: the plan's memory estimate, drawn as a line on the memory curve."""
         with self.lock:
-            est = self._memory_estimate_mb(config or {})
+            est = estimate_mb
             key = (self.version, est)
             if self._figs is None or self._figs_version != key:
                 self._figs = (loss_figure(self), dynamics_figure(self, est))
@@ -296,12 +269,3 @@ def dynamics_figure(view: RunView, estimate_mb: float | None = None) -> str:
     return _fill(_skeleton(("dynamics", view.memory_label, estimate_mb), build),
                  [view.lr, view.grad_norm, view.tokens_per_s, view.memory])
 
-
-def run_status(path: Path, live_pids: set[int]) -> dict:
-    from ..runs import RunFolder
-
-    return RunFolder(path).status(live_pids)
-
-
-def run_config(path: Path) -> dict:
-    return read_json(Path(path) / "config.json", {}) or {}

@@ -15,7 +15,7 @@ from .live import empty_figure, live_runs
 
 PALETTE = ["#4f46e5", "#f97316", "#10b981", "#ef4444", "#0ea5e9", "#8b5cf6", "#eab308", "#14b8a6"]
 # Keys of config.json that are bookkeeping rather than settings (left out of the diff).
-NOT_SETTINGS = {"data_sha256", "model_path", "trainable_params", "total_params", "trainable_share", "device_plan"}
+NOT_SETTINGS = {"data_sha256"}  # what ran (the plan) is in plan.json, not config.json
 
 
 def _task_metric(summary: dict) -> str:

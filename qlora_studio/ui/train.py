@@ -15,13 +15,14 @@ import gradio as gr
 import yaml
 from gradio.components.plot import PlotData  # a figure already in plotly JSON (see live.py)
 
+from ..config import AUTO, SETTINGS, TrainConfig
 from ..manager import RunBusy, get_manager
+from ..plan import plan_for
 from ..presets import list_presets
 from ..runs import RunFolder, check_run_name
-from ..training import TrainConfig
 from .common import (MODEL_CHOICES, display_path, esc, fmt_duration, fmt_num, latest_run_path, notice, read_json,
                      resolve_data_path, safe, tail_lines)
-from .findings import diagnosis_module, findings_html, fix_choices, run_diagnosis
+from .findings import findings_html, fix_choices, run_diagnosis
 from .live import empty_figure, live_runs
 
 DEFAULT_PRESET = "cpu-demo"
@@ -36,21 +37,26 @@ POLL_SECONDS = 5.0
 POLL_CPU_S = 15.0
 PLOT_EVERY_S = 5.0
 PLOT_EVERY_CPU_S = 60.0
-AUTO = "auto"
+# The settings the form shows under "advanced", in declaration order (`config.SETTINGS`); the data file and
+# the run name have their own boxes at the top.
+FORM_GROUPS = ("model", "lora", "schedule", "batch", "speed")
+FORM_SETTINGS = [s for s in SETTINGS if s.group in FORM_GROUPS and s.name != "data"]
 
-# The settings shown under "advanced", in order: (field, kind). Kinds: int/float may be left empty
-# (automatic) where TrainConfig allows None.
-FIELDS = [
-    ("model", "str"), ("task", "choice"), ("quant", "choice"), ("double_quant", "bool"),
-    ("rank", "int?"), ("alpha", "int?"), ("targets", "choice"), ("lora_dropout", "float"),
-    ("learning_rate", "float"), ("epochs", "float"), ("max_steps", "int?"), ("warmup_ratio", "float"),
-    ("batch_size", "int"), ("grad_accum", "int"), ("max_seq_len", "int"), ("eval_fraction", "float"),
-    ("gradient_checkpointing", "onoff"), ("batching", "choice"), ("attention", "choice"),
-    ("optimizer", "choice"), ("device", "choice"), ("seed", "int"),
-]
-CHOICE_AUTO = {"task": "none", "targets": AUTO, "optimizer": AUTO, "device": AUTO, "gradient_checkpointing": AUTO,
-               "batching": AUTO, "attention": AUTO}
-ONOFF = {"on": True, "off": False}
+
+def _auto_label(s) -> str:
+    return "none" if s.name == "task" else AUTO
+
+
+def form_value(s, value):
+    """A setting's value as its form component shows it (None, automatic, as its auto label; a number
+    box cannot be empty, so 0 stands for automatic there)."""
+    if value is None:
+        return 0 if s.kind in ("int", "float") else _auto_label(s)
+    if s.kind == "bool" and s.auto:
+        return "on" if value else "off"
+    if s.kind == "targets" and isinstance(value, list):
+        return ",".join(value)
+    return value
 
 
 def _presets():
@@ -58,55 +64,27 @@ def _presets():
 
 
 def preset_values(name: str) -> tuple[dict, dict, str]:
-    """(field values for the form, the preset's full settings, its description)."""
+    """(form values by setting name, the preset's full settings, its description)."""
     presets = _presets()
     if name not in presets:
         raise ValueError(f"no preset named {name!r}; presets: {', '.join(presets)}")
     p = presets[name]
-    defaults = TrainConfig().to_dict()
     settings = dict(p.settings)
-    values = {}
-    for field, kind in FIELDS:
-        v = settings.get(field, defaults.get(field))
-        if field in CHOICE_AUTO and v is None:
-            v = CHOICE_AUTO[field]
-        if kind == "int?" and v is None:
-            v = 0
-        if kind == "onoff" and isinstance(v, bool):
-            v = "on" if v else "off"
-        values[field] = v
+    values = {s.name: form_value(s, settings.get(s.name, s.default)) for s in FORM_SETTINGS}
     values["data"] = display_path(settings.get("data", ""))
     return values, settings, p.description
 
 
 def settings_from_form(preset_settings: dict, data: str, name: str, values: list) -> dict:
-    """TrainConfig settings: the preset's, overridden by the form. Raises ValueError naming the field."""
-    settings = {k: v for k, v in (preset_settings or {}).items()}
-    for (field, kind), v in zip(FIELDS, values):
-        if kind in ("int", "int?"):
-            if kind == "int?" and v in (0, 0.0):
-                v = None  # a number box cannot be empty: 0 means automatic
-            if v in (None, ""):
-                if kind == "int":
-                    raise ValueError(f"{field}: needs a whole number")
-                v = None
-            else:
-                if float(v) != int(float(v)):
-                    raise ValueError(f"{field}: needs a whole number, got {v}")
-                v = int(float(v))
-        elif kind == "float":
-            if v in (None, ""):
-                raise ValueError(f"{field}: needs a number")
-            v = float(v)
-        elif kind in ("choice", "onoff") and v == CHOICE_AUTO.get(field):
-            v = None
-        elif kind == "onoff":
-            if v not in ONOFF:
-                raise ValueError(f"{field}: {v!r} is not auto, on or off")
-            v = ONOFF[v]
-        elif kind == "str":
-            v = (v or "").strip()
-        settings[field] = v
+    """Settings: the preset's, overridden by the form (raw: `TrainConfig.from_dict` coerces and checks
+    each by its declaration). Raises naming the field for a bad data path or run name."""
+    settings = dict(preset_settings or {})
+    for s, v in zip(FORM_SETTINGS, values):
+        if s.kind in ("int", "float") and s.auto and v in (0, 0.0):
+            v = None  # a number box cannot be empty: 0 means automatic
+        if isinstance(v, str):
+            v = v.strip()
+        settings[s.name] = v
     path = resolve_data_path(data)
     preset_data = settings.get("data")
     if preset_data and Path(preset_data).resolve() != path.resolve():
@@ -117,11 +95,16 @@ def settings_from_form(preset_settings: dict, data: str, name: str, values: list
     return settings
 
 
+def form_plan(preset_settings, data, name, *values):
+    """(config, plan) of the form's settings on this machine: what the preview shows and Start runs."""
+    cfg = TrainConfig.from_dict(settings_from_form(preset_settings, data, name, list(values)), source="settings")
+    return cfg, plan_for(cfg)
+
+
 def resolved_yaml(preset_settings, data, name, *values) -> str:
-    """The settings the run will use, with what "automatic" resolves to on this machine."""
+    """The settings as given, then the plan: every decision for this machine, with its reason."""
     try:
-        settings = settings_from_form(preset_settings, data, name, list(values))
-        cfg = TrainConfig.from_dict(settings, source="settings")
+        cfg, plan = form_plan(preset_settings, data, name, *values)
     except Exception as e:
         from .common import friendly
 
@@ -130,62 +113,16 @@ def resolved_yaml(preset_settings, data, name, *values) -> str:
     out["data"] = display_path(out["data"])
     if out.get("test_data"):
         out["test_data"] = display_path(out["test_data"])
-    auto = {}
-    try:
-        from ..training import auto_lora, device_plan
-
-        plan = device_plan(cfg)
-        auto["device"] = plan.device
-        auto["compute_dtype"] = plan.compute_dtype
-        auto["optimizer"] = plan.optimizer
-        auto["device_reason"] = plan.reason
-    except Exception as e:
-        from .common import friendly
-
-        auto["device"] = f"cannot tell: {friendly(e)}"
-        plan = None
-    try:
-        from ..estimator import estimate
-        from .common import architecture_for
-
-        arch = architecture_for(cfg.model)
-        names = sorted({layer.name for layer in arch.linear_layers()})
-        lora = auto_lora(names, arch.total_params, cfg.task, cfg)
-        auto["lora"] = {"rank": lora["rank"], "alpha": lora["alpha"], "targets": lora["targets"]}
-        if lora["why"]:
-            auto["lora"]["why"] = lora["why"]
-        from ..training import speed_plan
-
-        speed = speed_plan(cfg, plan, arch, lora) if plan else None
-        if speed:
-            auto["attention"] = speed.attention
-            auto["gradient_checkpointing"] = speed.why if speed.why.startswith(("on", "off")) else (
-                "on" if speed.gradient_checkpointing else "off")
-        if not cfg.batching:
-            auto["batching"] = ("packed (no padding) where the model's attention keeps examples apart, checked when "
-                                "it loads; otherwise padded and grouped by length")
-        targets = "attention" if set(lora["targets"]) <= _attention(arch) else "all"
-        optimizer = cfg.optimizer if cfg.optimizer in ("paged_adamw_8bit", "adamw_8bit", "adamw_torch") else "paged_adamw_8bit"
-        est = estimate(arch, method="qlora" if cfg.quant != "none" else "lora",
-                       quant=None if cfg.quant == "none" else cfg.quant, double_quant=cfg.double_quant,
-                       rank=lora["rank"], targets=targets, batch=cfg.batch_size, seq=cfg.max_seq_len,
-                       # a GPU's peak: with checkpointing unless it was turned off (the CPU's choice is not a GPU's)
-                       grad_checkpointing=(speed.gradient_checkpointing if speed and plan.device == "cuda"
-                                           else cfg.gradient_checkpointing is not False),
-                       optimizer=optimizer)
-        auto["estimated_gpu_peak"] = f"{est.total_bytes / 2**30:.2f} GiB" + ("" if plan and plan.device == "cuda" else " (on a GPU)")
-    except Exception as e:
-        from .common import friendly
-
-        auto["lora"] = f"chosen when the model loads ({friendly(e)})"
     text = yaml.safe_dump({"settings": out}, sort_keys=False, allow_unicode=True)
-    text += "\n# automatic choices, resolved on this machine\n"
-    text += yaml.safe_dump({"automatic": auto}, sort_keys=False, allow_unicode=True, width=100)
+    text += "\n# the plan: what the run will do on this machine, and why\n"
+    text += "\n".join(f"# {line}" for line in plan.lines()) + "\n"
+    shown = {k: v for k, v in plan.to_dict().items() if k not in ("memory", "reasons")}
+    mem = plan.memory or {}
+    if mem.get("estimate_bytes"):
+        shown["estimated_peak"] = f"{mem['estimate_bytes'] / 2**30:.2f} GiB" + (
+            " (as on a GPU)" if plan.device != "cuda" else "")
+    text += yaml.safe_dump({"plan": shown}, sort_keys=False, allow_unicode=True, width=100)
     return text
-
-
-def _attention(arch) -> set[str]:
-    return {layer.name for layer in arch.linear_layers() if layer.group == "attention"}
 
 
 # ------------------------------------------------------------------ the live view
@@ -193,7 +130,7 @@ def _attention(arch) -> set[str]:
 STATE_CLASS = {"running": "run", "completed": "ok", "stopped": "warn", "failed": "error", "interrupted": "warn"}
 
 
-def header_html(path: Path, status: dict, config: dict) -> str:
+def header_html(path: Path, status: dict, config: dict, plan_doc: dict) -> str:
     state = status.get("state", "?")
     phase = status.get("phase")
     bits = [f'<span class="qs-badge qs-state-{STATE_CLASS.get(state, "info")}" id="run-state">{esc(state)}</span>',
@@ -201,14 +138,14 @@ def header_html(path: Path, status: dict, config: dict) -> str:
     if state == "running" and phase and phase != "training":
         bits.append(f'<span class="qs-muted">{esc(phase)} …</span>')
     desc = [f"model {esc(config.get('model', '?'))}", f"data {esc(display_path(config.get('data', '?')))}"]
-    lora = config.get("lora")
-    if lora:
-        desc.append(f"LoRA r={lora.get('rank')} on {len(lora.get('targets', []))} module kinds")
-    if config.get("trainable_share") is not None:
-        desc.append(f"{100 * config['trainable_share']:.2f}% of the weights train")
-    plan = config.get("device_plan") or {}
+    plan = plan_doc.get("plan") or {}
+    if plan.get("targets"):
+        desc.append(f"LoRA r={plan.get('rank')} on {len(plan['targets'])} module kinds")
+    share = (plan_doc.get("model") or {}).get("trainable_share")
+    if share is not None:
+        desc.append(f"{100 * share:.2f}% of the weights train")
     if plan.get("device"):
-        desc.append(f"{plan['device']} · {plan.get('compute_dtype', '')}")
+        desc.append(f"{plan['device']} · {plan.get('precision', '')}")
     html = " ".join(bits) + f'<div class="qs-muted">{" · ".join(desc)}</div>'
     if state == "failed" and status.get("error"):
         advice = ""
@@ -222,14 +159,14 @@ def header_html(path: Path, status: dict, config: dict) -> str:
     return html
 
 
-def _trains_on_cpu(state, config: dict) -> bool:
+def _trains_on_cpu(state, plan_doc: dict) -> bool:
     """A run training on the CPU, where the page's work competes with training for the cores."""
-    return state == "running" and (config.get("device_plan") or {}).get("device") == "cpu"
+    return state == "running" and (plan_doc.get("plan") or {}).get("device") == "cpu"
 
 
-def progress_html(view, status: dict, config: dict) -> str:
+def progress_html(view, status: dict, plan_doc: dict) -> str:
     state = status.get("state")
-    total = status.get("total_steps") or status.get("max_steps") or config.get("total_steps")
+    total = status.get("total_steps") or status.get("max_steps") or (plan_doc.get("schedule") or {}).get("total_steps")
     last = view.last_train or {}
     step = last.get("step") or 0
     if state != "running":
@@ -255,119 +192,121 @@ def progress_html(view, status: dict, config: dict) -> str:
     if view.last_eval and view.last_eval.get("eval_loss") is not None:
         parts.append(f"eval loss {fmt_num(view.last_eval['eval_loss'])}")
     pace = ""
-    if _trains_on_cpu(state, config):
+    if _trains_on_cpu(state, plan_doc):
         pace = (f'<div class="qs-muted" id="run-pace">Training on the CPU: this page refreshes every {POLL_CPU_S:.0f} s '
                 f'and redraws the curves every {PLOT_EVERY_CPU_S:.0f} s, to leave the cores to training.</div>')
     return (f'<div class="qs-progress"><div class="qs-bar"><div style="width:{pct:.1f}%"></div></div>'
             f'<div>{" · ".join(parts)}</div>{pace}</div>')
 
 
-def _idle_outputs(seen):
+# The live view's outputs, by name: `poll` returns a dict of those that changed (`wire` maps the names to
+# the components), so nothing depends on their order.
+LIVE_OUTPUTS = ("header", "progress", "loss", "dynamics", "log", "findings", "fix", "fix_row", "watched", "seen",
+                "timer")
+
+
+def _idle_outputs(seen) -> dict:
     if seen.get("idle"):
-        return (gr.skip(),) * 8 + (None, seen, gr.Timer(value=POLL_SECONDS))
-    waiting = empty_figure("Loss", "no run yet: choose a preset and press Start")
-    return ('<div class="qs-muted" id="run-state">no run yet</div>', "", waiting,
-            empty_figure("Learning rate, gradient norm, speed, memory", "", 420), "",
-            findings_html(None, diagnosis_module() is not None), gr.Dropdown(choices=[], value=None), gr.Row(visible=False),
-            None, {"idle": True}, gr.Timer(value=POLL_SECONDS))
+        return {"watched": None, "seen": seen, "timer": gr.Timer(value=POLL_SECONDS)}
+    return {"header": '<div class="qs-muted" id="run-state">no run yet</div>', "progress": "",
+            "loss": empty_figure("Loss", "no run yet: choose a preset and press Start"),
+            "dynamics": empty_figure("Learning rate, gradient norm, speed, memory", "", 420), "log": "",
+            "findings": findings_html(None), "fix": gr.Dropdown(choices=[], value=None), "fix_row": gr.Row(visible=False),
+            "watched": None, "seen": {"idle": True}, "timer": gr.Timer(value=POLL_SECONDS)}
 
 
-def poll(watched, seen):
-    """One tick of the live view; outputs that did not change are skipped."""
-    seen = dict(seen or {})
-    mgr = get_manager()
-    active = mgr.active()
+def _watched_path(watched) -> str | None:
+    active = get_manager().active()
     path = str(active.path) if active is not None else watched
     if not path or not (Path(path) / "config.json").is_file():
         latest = latest_run_path()
         path = str(latest) if latest else None
+    return path
+
+
+def _figures(out: dict, seen: dict, view, state, plan_doc: dict) -> None:
+    """The curves, when new points arrived and a redraw is due (less often while a CPU run trains)."""
+    estimate_mb = view.estimate_mb(plan_doc)
+    key = [view.version, estimate_mb]
+    every = PLOT_EVERY_CPU_S if _trains_on_cpu(state, plan_doc) else PLOT_EVERY_S
+    due = state != "running" or time.time() - seen.get("fig_at", 0) >= every or not seen.get("fig")
+    if seen.get("fig") != key and due:
+        seen["fig_at"] = time.time()
+        loss_json, dyn_json = view.figures(estimate_mb)
+        out["loss"], out["dynamics"] = PlotData(type="plotly", plot=loss_json), PlotData(type="plotly", plot=dyn_json)
+        seen["fig"] = key
+
+
+def _findings(out: dict, seen: dict, run: RunFolder, status: dict) -> None:
+    diag = run_diagnosis(run.path)
+    diag.update(status)
+    key = [diag.version, status.get("state") == "running"]
+    if seen.get("find") != key:
+        out["findings"] = findings_html(diag.findings, running=status.get("state") == "running")
+        choices = fix_choices(diag.findings)
+        out["fix"] = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
+        out["fix_row"] = gr.Row(visible=bool(choices))
+        seen["find"] = key
+
+
+def poll(watched, seen) -> dict:
+    """One tick of the live view: the outputs (by `LIVE_OUTPUTS` name) that changed."""
+    seen = dict(seen or {})
+    path = _watched_path(watched)
     if path is None:
         return _idle_outputs(seen)
     if seen.get("path") != path:
         seen = {"path": path}
+    mgr = get_manager()
     run = RunFolder(Path(path))
     view = live_runs.view(path)
     view.refresh()
-    live = mgr.live_pids() if active is not None and str(active.path) == path else set()
-    status = run.status(live)
+    status = mgr.status(run)
     config = read_json(run.path / "config.json", {}) or {}
+    plan_doc = run.plan()
     state = status.get("state")
+    out = {"watched": path, "seen": seen,
+           "timer": gr.Timer(value=POLL_CPU_S if _trains_on_cpu(state, plan_doc) else POLL_SECONDS)}
 
-    head_key = [state, status.get("phase"), status.get("error"), bool(config.get("lora"))]
-    header = gr.skip()
+    head_key = [state, status.get("phase"), status.get("error"), bool((plan_doc.get("model") or {}))]
     if seen.get("head") != head_key:
-        header = header_html(run.path, status, config)
+        out["header"] = header_html(run.path, status, config, plan_doc)
         seen["head"] = head_key
-
-    progress = gr.skip()
     prog_key = [state, view.version, status.get("step"), status.get("phase")]
     if state == "running" or seen.get("prog") != prog_key:
-        progress = progress_html(view, status, config)
+        out["progress"] = progress_html(view, status, plan_doc)
         seen["prog"] = prog_key
-
-    loss_fig = dyn_fig = gr.skip()
-    fig_key = [view.version, view.estimate_mb, bool(config.get("lora"))]
-    on_cpu = _trains_on_cpu(state, config)
-    pace = gr.Timer(value=POLL_CPU_S if on_cpu else POLL_SECONDS)  # the page's next tick
-    every = PLOT_EVERY_CPU_S if on_cpu else PLOT_EVERY_S
-    due = state != "running" or time.time() - seen.get("fig_at", 0) >= every or not seen.get("fig")
-    if seen.get("fig") != fig_key and due:
-        seen["fig_at"] = time.time()
-        loss_json, dyn_json = view.figures(config)
-        loss_fig, dyn_fig = PlotData(type="plotly", plot=loss_json), PlotData(type="plotly", plot=dyn_json)
-        seen["fig"] = [view.version, view.estimate_mb, bool(config.get("lora"))]
-
-    log = gr.skip()
+    _figures(out, seen, view, state, plan_doc)
     try:
         log_size = os.stat(run.path / "train.log").st_size
     except OSError:
         log_size = 0
     if seen.get("log") != log_size:
-        log = "\n".join(tail_lines(run.path / "train.log"))
+        out["log"] = "\n".join(tail_lines(run.path / "train.log"))
         seen["log"] = log_size
-
-    findings = fixes = fix_row = gr.skip()
-    diag = run_diagnosis(run.path)
-    if diag is None:
-        if seen.get("find") != "n/a":
-            findings = findings_html(None, available=False)
-            fixes, fix_row = gr.Dropdown(choices=[], value=None), gr.Row(visible=False)
-            seen["find"] = "n/a"
-    else:
-        diag.update(status)
-        find_key = [diag.version, state == "running"]
-        if seen.get("find") != find_key:
-            findings = findings_html(diag.findings, running=state == "running")
-            choices = fix_choices(diag.findings)
-            fixes = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
-            fix_row = gr.Row(visible=bool(choices))
-            seen["find"] = find_key
-    return header, progress, loss_fig, dyn_fig, log, findings, fixes, fix_row, path, seen, pace
-
-
-def _poll_error(msg):
-    return (notice(msg, "error"),) + (gr.skip(),) * 10
+    _findings(out, seen, run, status)
+    return out
 
 
 # ------------------------------------------------------------------ actions
 
 
-def start(preset_settings, data, name, *values):
-    settings = settings_from_form(preset_settings, data, name, list(values))
-    cfg = TrainConfig.from_dict(settings, source="settings")
+def start(preset_settings, data, name, *values) -> dict:
+    """Start a run of the form's settings with the plan the preview shows (`form_plan`)."""
+    cfg, plan = form_plan(preset_settings, data, name, *values)
     mgr = get_manager()
     try:
-        run = mgr.start(cfg)
+        run = mgr.start(cfg, plan=plan)
     except RunBusy:
         active = mgr.active()
         who = active.name if active is not None else "another run"
-        return (notice(f"A run is already training ({who}). One run at a time on one GPU: stop it, or wait "
-                       "for it to finish, then press Start again.", "warn"), gr.skip(), gr.skip())
-    return (notice(f"Started {run.name}: loading the model. The curves appear with the first logged step.", "ok"),
-            str(run.path), {})
+        return {"notice": notice(f"A run is already training ({who}). One run at a time on one GPU: stop it, or wait "
+                                 "for it to finish, then press Start again.", "warn")}
+    return {"notice": notice(f"Started {run.name}: loading the model. The curves appear with the first logged step.",
+                             "ok"), "watched": str(run.path), "seen": {}}
 
 
-def apply_fix(watched, choice):
+def apply_fix(watched, choice) -> dict:
     """Apply a finding's fix: a new run with the changed settings, from the run's last good checkpoint."""
     from ..diagnose import diagnose_run
 
@@ -384,10 +323,10 @@ def apply_fix(watched, choice):
         child = mgr.apply_fix(folder.path, fix, reason=finding.message)
     except RunBusy:
         active = mgr.active()
-        return (notice(f"A run is training ({active.name if active else 'another run'}): stop it first, then apply "
-                       "the fix as a new run.", "warn"), gr.skip(), gr.skip())
-    return (notice(f"Started {child.name}: {fix.title} ({', '.join(f'{k} → {v}' for k, v in fix.changes.items())}), "
-                   f"from {folder.name}'s last good checkpoint.", "ok"), str(child.path), {})
+        return {"notice": notice(f"A run is training ({active.name if active else 'another run'}): stop it first, then "
+                                 "apply the fix as a new run.", "warn")}
+    return {"notice": notice(f"Started {child.name}: {fix.title} ({', '.join(f'{k} → {v}' for k, v in fix.changes.items())}), "
+                             f"from {folder.name}'s last good checkpoint.", "ok"), "watched": str(child.path), "seen": {}}
 
 
 def stop():
@@ -401,6 +340,27 @@ def stop():
 
 
 # ------------------------------------------------------------------ layout
+
+
+def _component(s, value):
+    """The form component of a setting, from its declaration."""
+    elem_id = "f-" + s.name.replace("_", "-")
+    info = s.describe()
+    if s.kind == "bool" and not s.auto:
+        return gr.Checkbox(label=s.label, value=bool(value), elem_id=elem_id, info=info)
+    if s.kind == "bool":
+        return gr.Dropdown(label=s.label, choices=[AUTO, "on", "off"], value=value, elem_id=elem_id, info=info)
+    if s.kind in ("int", "float"):
+        label = s.label + (" (0: automatic)" if s.auto else "")
+        return gr.Number(label=label, value=value, precision=0 if s.kind == "int" else None, elem_id=elem_id, info=info)
+    if s.name == "model":
+        return gr.Dropdown(label=s.label, choices=MODEL_CHOICES, value=value, allow_custom_value=True,
+                           elem_id=elem_id, info=info)
+    if s.choices and not s.auto and not s.custom:
+        return gr.Radio(label=s.label, choices=list(s.choices), value=value, elem_id=elem_id, info=info)
+    choices = ([_auto_label(s)] if s.auto else []) + list(s.choices)
+    return gr.Dropdown(label=s.label, choices=choices, value=value, elem_id=elem_id, info=info,
+                       allow_custom_value=s.custom or s.kind == "targets")
 
 
 def build(ctx) -> None:
@@ -421,55 +381,20 @@ def build(ctx) -> None:
         with gr.Column(scale=1, min_width=160):
             ctx.tr_start = gr.Button("Start", variant="primary", elem_id="start")
             ctx.tr_stop = gr.Button("Stop", variant="stop", elem_id="stop")
+    ctx.tr_form = {}  # setting name -> component, one per `FORM_SETTINGS`
     with gr.Accordion("Advanced: every setting, and what 'automatic' resolves to", open=False, elem_id="advanced"):
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                with gr.Row():
-                    ctx.tr_model = gr.Dropdown(label="model", choices=MODEL_CHOICES, value=values["model"],
-                                               allow_custom_value=True, elem_id="f-model",
-                                               info="embedded, a Hub id, a model folder or a .gguf file")
-                    ctx.tr_task = gr.Dropdown(label="task", choices=["none", "sql"], value=values["task"] or "none",
-                                              allow_custom_value=True, elem_id="f-task")
-                    ctx.tr_quant = gr.Radio(label="quant", choices=["nf4", "fp4", "none"], value=values["quant"],
-                                            elem_id="f-quant")
-                    ctx.tr_dq = gr.Checkbox(label="double quant", value=values["double_quant"])
-                with gr.Row():
-                    ctx.tr_rank = gr.Number(label="rank (0: auto)", value=values["rank"], precision=0, elem_id="f-rank")
-                    ctx.tr_alpha = gr.Number(label="alpha (0: 2 × rank)", value=values["alpha"], precision=0)
-                    ctx.tr_targets = gr.Dropdown(label="targets", choices=[AUTO, "attention", "all"],
-                                                 value=values["targets"])
-                    ctx.tr_dropout = gr.Number(label="lora dropout", value=values["lora_dropout"])
-                with gr.Row():
-                    ctx.tr_lr = gr.Number(label="learning rate", value=values["learning_rate"], elem_id="f-lr")
-                    ctx.tr_epochs = gr.Number(label="epochs", value=values["epochs"])
-                    ctx.tr_max_steps = gr.Number(label="max steps (0: by epochs)", value=values["max_steps"],
-                                                 precision=0, elem_id="f-max-steps")
-                    ctx.tr_warmup = gr.Number(label="warmup ratio", value=values["warmup_ratio"])
-                with gr.Row():
-                    ctx.tr_batch = gr.Number(label="batch size", value=values["batch_size"], precision=0, elem_id="f-batch")
-                    ctx.tr_accum = gr.Number(label="grad accumulation", value=values["grad_accum"], precision=0)
-                    ctx.tr_seq = gr.Number(label="max sequence length", value=values["max_seq_len"], precision=0,
-                                           elem_id="f-seq")
-                    ctx.tr_eval = gr.Number(label="eval fraction", value=values["eval_fraction"], elem_id="f-eval")
-                with gr.Row():
-                    ctx.tr_ckpt = gr.Dropdown(label="gradient checkpointing", choices=[AUTO, "on", "off"],
-                                              value=values["gradient_checkpointing"], elem_id="f-ckpt")
-                    ctx.tr_batching = gr.Dropdown(label="batching", choices=[AUTO, "packed", "grouped", "padded"],
-                                                  value=values["batching"], elem_id="f-batching")
-                    ctx.tr_attention = gr.Dropdown(label="attention", choices=[AUTO, "sdpa", "eager"],
-                                                   value=values["attention"], elem_id="f-attention")
-                with gr.Row():
-                    ctx.tr_optim = gr.Dropdown(label="optimizer", choices=[AUTO, "paged_adamw_8bit", "adamw_8bit", "adamw_torch"],
-                                               value=values["optimizer"])
-                    ctx.tr_device = gr.Dropdown(label="device", choices=[AUTO, "cuda", "cpu"], value=values["device"])
-                    ctx.tr_seed = gr.Number(label="seed", value=values["seed"], precision=0)
+                for group in FORM_GROUPS:
+                    members = [s for s in FORM_SETTINGS if s.group == group]
+                    for i in range(0, len(members), 4):
+                        with gr.Row():
+                            for s in members[i:i + 4]:
+                                ctx.tr_form[s.name] = _component(s, values[s.name])
             with gr.Column(scale=2):
-                ctx.tr_resolved = gr.Code(label="Resolved settings", language="yaml", interactive=False,
-                                          elem_id="resolved", lines=18, max_lines=44)
-    ctx.tr_fields = [ctx.tr_model, ctx.tr_task, ctx.tr_quant, ctx.tr_dq, ctx.tr_rank, ctx.tr_alpha, ctx.tr_targets,
-                     ctx.tr_dropout, ctx.tr_lr, ctx.tr_epochs, ctx.tr_max_steps, ctx.tr_warmup, ctx.tr_batch, ctx.tr_accum,
-                     ctx.tr_seq, ctx.tr_eval, ctx.tr_ckpt, ctx.tr_batching, ctx.tr_attention, ctx.tr_optim, ctx.tr_device, ctx.tr_seed]
-    assert len(ctx.tr_fields) == len(FIELDS)
+                ctx.tr_resolved = gr.Code(label="Resolved settings and the plan", language="yaml", interactive=False,
+                                          elem_id="resolved", lines=18, max_lines=60)
+    ctx.tr_fields = [ctx.tr_form[s.name] for s in FORM_SETTINGS]
     ctx.tr_notice = gr.HTML(elem_id="train-notice")
 
     gr.Markdown("### Live run")
@@ -491,31 +416,43 @@ def build(ctx) -> None:
     ctx.tr_timer = gr.Timer(POLL_SECONDS)
 
 
+def _by_component(names: dict, handler):
+    """``handler``'s dict keyed by output name, as Gradio wants it: keyed by component."""
+    def wrapped(*args):
+        return {names[k]: v for k, v in handler(*args).items()}
+
+    return wrapped
+
+
 def wire(ctx) -> None:
     form = [ctx.tr_preset_settings, ctx.tr_data, ctx.tr_name] + ctx.tr_fields
     resolve = safe(lambda msg: f"# {msg}\n")(resolved_yaml)
 
     def pick_preset(name):
         values, settings, description = preset_values(name)
-        field_values = [values[f] for f, _ in FIELDS]
-        return [settings, description, values["data"]] + field_values + [resolved_yaml(settings, values["data"], "", *field_values)]
+        field_values = [values[s.name] for s in FORM_SETTINGS]
+        out = {ctx.tr_preset_settings: settings, ctx.tr_preset_desc: description, ctx.tr_data: values["data"],
+               ctx.tr_resolved: resolved_yaml(settings, values["data"], "", *field_values)}
+        out.update(zip(ctx.tr_fields, field_values))
+        return out
 
-    preset_outputs = [ctx.tr_preset_settings, ctx.tr_preset_desc, ctx.tr_data] + ctx.tr_fields + [ctx.tr_resolved]
-    ctx.tr_preset.input(safe(lambda msg: [gr.skip()] * (len(preset_outputs) - 1) + [f"# {msg}\n"])(pick_preset),
-                        ctx.tr_preset, preset_outputs)
+    preset_outputs = [ctx.tr_preset_settings, ctx.tr_preset_desc, ctx.tr_data, ctx.tr_resolved] + ctx.tr_fields
+    ctx.tr_preset.input(safe(lambda msg: {ctx.tr_resolved: f"# {msg}\n"})(pick_preset), ctx.tr_preset, preset_outputs)
     for comp in [ctx.tr_data, ctx.tr_name] + ctx.tr_fields:
         comp.change(resolve, form, ctx.tr_resolved, show_progress="hidden", trigger_mode="always_last")
     ctx.demo.load(resolve, form, ctx.tr_resolved, show_progress="hidden")
 
-    live_outputs = [ctx.tr_header, ctx.tr_progress, ctx.tr_loss, ctx.tr_dyn, ctx.tr_log, ctx.tr_findings,
-                    ctx.tr_fix, ctx.tr_fix_row, ctx.tr_watched, ctx.tr_seen, ctx.tr_timer]
-    poll_safe = safe(_poll_error)(poll)
-    ctx.tr_timer.tick(poll_safe, [ctx.tr_watched, ctx.tr_seen], live_outputs, show_progress="hidden",
-                      queue=False, trigger_mode="always_last")
-    ctx.demo.load(poll_safe, [ctx.tr_watched, ctx.tr_seen], live_outputs, show_progress="hidden")
+    live = dict(zip(LIVE_OUTPUTS, [ctx.tr_header, ctx.tr_progress, ctx.tr_loss, ctx.tr_dyn, ctx.tr_log, ctx.tr_findings,
+                                   ctx.tr_fix, ctx.tr_fix_row, ctx.tr_watched, ctx.tr_seen, ctx.tr_timer]))
+    poll_safe = safe(lambda msg: {"header": notice(msg, "error")})(poll)
+    ctx.tr_timer.tick(_by_component(live, poll_safe), [ctx.tr_watched, ctx.tr_seen], list(live.values()),
+                      show_progress="hidden", queue=False, trigger_mode="always_last")
+    ctx.demo.load(_by_component(live, poll_safe), [ctx.tr_watched, ctx.tr_seen], list(live.values()),
+                  show_progress="hidden")
 
-    start_safe = safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip()))(start)
-    ctx.tr_start.click(start_safe, form, [ctx.tr_notice, ctx.tr_watched, ctx.tr_seen], concurrency_limit=1)
+    acted = {"notice": ctx.tr_notice, "watched": ctx.tr_watched, "seen": ctx.tr_seen}
+    on_error = safe(lambda msg: {"notice": notice(msg, "error")})
+    ctx.tr_start.click(_by_component(acted, on_error(start)), form, list(acted.values()), concurrency_limit=1)
     ctx.tr_stop.click(safe(lambda msg: notice(msg, "error"))(stop), None, ctx.tr_notice)
-    ctx.tr_apply.click(safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip()))(apply_fix), [ctx.tr_watched, ctx.tr_fix],
-                       [ctx.tr_notice, ctx.tr_watched, ctx.tr_seen], concurrency_limit=1)
+    ctx.tr_apply.click(_by_component(acted, on_error(apply_fix)), [ctx.tr_watched, ctx.tr_fix], list(acted.values()),
+                       concurrency_limit=1)

@@ -1,0 +1,36 @@
+"""Workarounds for other libraries' behaviour, each in one place, saying what it works around and for
+which versions it was tested. (The browser app's Gradio workarounds are in `ui/gradio_compat.py`.)
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------ bitsandbytes: CPU weight repacking
+#
+# Upstream behaviour (bitsandbytes 0.48-0.50 on a CPU with AVX512-BF16): the first forward of a
+# `Linear4bit` in eval mode without grad (an evaluation pass, generate()) repacks its 4-bit weight in
+# place into a CPU inference layout (`quant_state.packing_format_for_cpu`; the weight's shape changes
+# from (N*K/2, 1) to (N, K/2)). From then on `matmul_4bit` takes a gemv path that carries no gradient to
+# the layer's input, so training the model afterwards silently learns almost nothing. bitsandbytes
+# itself undoes the packing only when it saves a state dict (`_convert_weight_packed_for_cpu_inverse`).
+# Verified with bitsandbytes 0.50.2 (tests/test_training.py pins it). The guard is gated on the feature
+# rather than a version range: a version without the repacking has neither attribute and is left alone,
+# and one that still repacks is guarded too (a silent no-learning run is the worse failure).
+
+
+def keep_4bit_weights_trainable(model) -> int:
+    """Stop bitsandbytes from repacking a trained model's 4-bit weights (see above), and turn back any
+    weight already repacked. Returns how many layers were turned back."""
+    restored = 0
+    for module in model.modules():
+        if type(module).__name__ not in ("Linear4bit", "LinearNF4", "LinearFP4"):
+            continue
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            restored += 1
+    return restored
+

@@ -1,0 +1,381 @@
+"""The run plan: every decision about how a run trains, made once, with the reason for each.
+
+``plan_run(config, machine, architecture) -> RunPlan`` decides the device, the precision, the LoRA
+rank/alpha/targets, batching, attention, gradient checkpointing, the optimizer and the memory estimate.
+The trainer executes the plan (and records it in the run folder's plan.json, beside the user's
+config.json); the Train tab's preview, the live view, diagnosis and the CLI (`qlora-studio plan`,
+`train --dry-run`) only display it.
+
+``precision_for(device, compute_capability)`` is the one precision rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .config import TrainConfig
+from .errors import ConfigError
+
+GiB = 2**30
+
+# Module names LoRA can adapt, by role, for models the catalog cannot describe (read from the loaded model).
+ATTENTION_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn",
+                     "Wqkv", "out_proj", "query", "key", "value", "dense"}
+MLP_MODULES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3",
+               "dense_h_to_4h", "dense_4h_to_h", "c_proj"}
+# Tasks that change the output format or need reasoning benefit from adapting the MLPs too.
+FORMAT_TASKS = {"sql", "code", "json", "reasoning", "math", "format"}
+# benchmarks/throughput.py measured both on the CPU (bf16 autocast, the embedded model): eager attention
+# was faster there (the CPU's fused SDPA kernel is slow in its backward pass); on CUDA SDPA wins.
+AUTO_ATTENTION = {"cpu": "eager", "cuda": "sdpa"}
+AUTO_OPTIMIZER = {"cpu": "adamw_torch", "cuda": "paged_adamw_8bit"}
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+# ------------------------------------------------------------------ precision
+
+
+def precision_for(device: str, compute_capability: tuple[int, int] | None = None, training: bool = True) -> str:
+    """The compute dtype ("bf16" | "fp16" | "fp32") for a device.
+
+    - CUDA: bf16 on compute capability >= 8.0 (Ampere and newer); fp16 (with loss scaling) on Volta and
+      Turing (7.x) and on the P100 (6.0); fp32 on consumer Pascal (6.1, 6.2), whose fp16 math runs at a
+      small fraction of its fp32 speed. ``torch.cuda.is_bf16_supported()`` is not asked: it answers True
+      on Turing, where bf16 is only emulated.
+    - CPU: training runs under bf16 autocast (measured faster than fp32 with the 4-bit base); inference
+      (``training=False``: chat, evaluation, merging) in fp32, the CPU's fast and exact path.
+    """
+    if device == "cpu":
+        return "bf16" if training else "fp32"
+    if compute_capability is None:
+        return "fp32"
+    cc = tuple(compute_capability)
+    if cc >= (8, 0):
+        return "bf16"
+    if cc >= (7, 0) or cc == (6, 0):
+        return "fp16"
+    return "fp32"
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[precision])
+
+
+# ------------------------------------------------------------------ the machine a plan is for
+
+
+@dataclass
+class Machine:
+    """What the planner needs to know about where a run trains."""
+
+    device: str  # cuda | cpu
+    gpu_name: str | None = None
+    compute_capability: tuple[int, int] | None = None
+    gpu_total_bytes: int | None = None
+    gpu_free_bytes: int | None = None
+    ram_available_bytes: int | None = None
+    here: bool = True  # this machine (False: a card planned for, e.g. from the Hardware tab)
+
+    @property
+    def label(self) -> str:
+        if self.device == "cpu":
+            return "CPU (no CUDA GPU)"
+        cc = ".".join(map(str, self.compute_capability)) if self.compute_capability else "?"
+        return f"{self.gpu_name or 'CUDA GPU'} (compute capability {cc})"
+
+    @classmethod
+    def detect(cls, device: str | None = None) -> "Machine":
+        """This machine, as torch sees it (the trainer runs on torch's view). ``device``: the user's
+        choice (None: the GPU if there is one)."""
+        import torch
+
+        from .hardware import ram_bytes
+
+        _, available = ram_bytes()
+        has_cuda = torch.cuda.is_available()
+        if device == "cuda" and not has_cuda:
+            raise ConfigError("device: cuda was asked for, but torch sees no CUDA GPU (is a CUDA build of torch "
+                              "installed?)", field="device", why="no CUDA GPU visible to torch")
+        if not has_cuda or device == "cpu":
+            return cls("cpu", ram_available_bytes=available)
+        free, total = torch.cuda.mem_get_info(0)
+        return cls("cuda", torch.cuda.get_device_name(0), tuple(torch.cuda.get_device_capability(0)), total, free,
+                   available)
+
+    @classmethod
+    def for_gpu(cls, spec) -> "Machine":
+        """A card from the catalog (`hardware.GpuSpec`) or a detected one (`hardware.GpuInfo`)."""
+        total = getattr(spec, "vram_bytes", None) or getattr(spec, "total_bytes", None)
+        free = getattr(spec, "free_bytes", None) or total
+        name = getattr(spec, "label", None) or getattr(spec, "name", None)
+        return cls("cuda", name, tuple(spec.compute_capability) if spec.compute_capability else None, total, free,
+                   here=False)
+
+
+# ------------------------------------------------------------------ the plan
+
+
+@dataclass
+class RunPlan:
+    """How a run trains. ``reasons`` says why, for every choice that was automatic."""
+
+    model: str
+    architecture: str | None
+    model_params: int | None
+    device: str
+    machine: str
+    precision: str  # bf16 | fp16 | fp32
+    quant: str  # nf4 | fp4 | none
+    double_quant: bool
+    rank: int
+    alpha: int
+    targets: list[str]
+    lora_dropout: float
+    batch_size: int
+    grad_accum: int
+    max_seq_len: int
+    batching: str  # packed | grouped | padded
+    attention: str  # sdpa | eager
+    gradient_checkpointing: bool
+    optimizer: str
+    memory: dict | None = None  # estimate_bytes, breakdown, available_bytes, fits, where
+    reasons: dict = field(default_factory=dict)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    @property
+    def torch_dtype(self):
+        return torch_dtype(self.precision)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["effective_batch"] = self.effective_batch
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunPlan":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def lines(self) -> list[str]:
+        """The plan for a person, one decision a line."""
+        r = self.reasons
+        mem = self.memory or {}
+        out = [f"device: {self.machine}" + (f" -- {r['device']}" if r.get("device") else ""),
+               f"precision: {self.precision}" + (f" -- {r['precision']}" if r.get("precision") else ""),
+               f"base: {self.model} ({self.architecture or 'shape unknown until it loads'}), "
+               f"{self.quant.upper() if self.quant != 'none' else '16-bit'}"
+               + (" + double quant" if self.quant != "none" and self.double_quant else ""),
+               f"LoRA: r={self.rank}, alpha={self.alpha}, on {', '.join(self.targets)}"
+               + (f" -- {r['lora']}" if r.get("lora") else ""),
+               f"batch: {self.batch_size} x {self.grad_accum} accumulation = {self.effective_batch} per step, "
+               f"seq {self.max_seq_len}, {self.batching}" + (f" -- {r['batching']}" if r.get("batching") else ""),
+               f"attention: {self.attention}" + (f" -- {r['attention']}" if r.get("attention") else ""),
+               f"gradient checkpointing: {'on' if self.gradient_checkpointing else 'off'}"
+               + (f" -- {r['gradient_checkpointing']}" if r.get("gradient_checkpointing") else ""),
+               f"optimizer: {self.optimizer}" + (f" -- {r['optimizer']}" if r.get("optimizer") else "")]
+        if mem.get("estimate_bytes"):
+            line = f"memory: estimated peak {mem['estimate_bytes'] / GiB:.2f} GiB"
+            if mem.get("where") == "cpu":
+                line += " (as on a GPU; this run trains in RAM)"
+            elif mem.get("available_bytes"):
+                line += f" of {mem['available_bytes'] / GiB:.2f} GiB free" + ("" if mem.get("fits") else
+                                                                             ": does NOT fit with headroom")
+            if mem.get("calibration"):
+                line += f" ({mem['calibration']})"
+            out.append(line)
+        elif r.get("memory"):
+            out.append(f"memory: {r['memory']}")
+        return out
+
+
+def auto_lora(config: TrainConfig, module_names: list[str], attention_names: set[str] | None,
+              n_params: int | None) -> tuple[int, int, list[str], str]:
+    """(rank, alpha, targets, why): the config's choices, otherwise chosen by size and task.
+
+    - Targets: attention projections by default; MLP projections too for models under 3B parameters
+      (cheap, and small models need the capacity) and for format-shifting tasks (SQL, code, JSON).
+    - Rank: 16 for most; 8 for attention-only on models of 13B and more (big models adapt with little);
+      32 for format tasks on models of 13B and more.
+    """
+    if attention_names is None:  # names read from a loaded model: sorted by the known names
+        attn = [n for n in module_names if n in ATTENTION_MODULES]
+        mlp = [n for n in module_names if n in MLP_MODULES and n not in ATTENTION_MODULES]
+    else:  # names from the architecture: every linear layer is attention or MLP
+        attn = [n for n in module_names if n in attention_names]
+        mlp = [n for n in module_names if n not in attention_names]
+    if not attn:  # unknown architecture: adapt every linear layer
+        attn, mlp = list(module_names), []
+    params = n_params or 0
+    format_task = (config.task or "").lower() in FORMAT_TASKS
+    why = []
+    if config.targets is None:
+        use_all = params < 3e9 or format_task
+        targets = attn + mlp if use_all else attn
+        why.append(("attention + MLP projections" + (" (model under 3B)" if params < 3e9 else f" ({config.task} task)"))
+                   if use_all else "attention projections (model of 3B or more)")
+    elif config.targets == "all":
+        targets = attn + mlp
+    elif config.targets == "attention":
+        targets = attn
+    else:
+        missing = [t for t in config.targets if t not in module_names]
+        if missing:
+            raise ConfigError(f"targets: {missing} are not linear layers of this model; it has {module_names}",
+                              field="targets", why=f"{missing} are not linear layers of this model")
+        targets = list(config.targets)
+    if config.rank is None:
+        rank = (32 if format_task else 8) if params >= 13e9 else 16
+        why.append(f"rank {rank} for a {params / 1e9:.2f}B model")
+    else:
+        rank = config.rank
+    alpha = config.alpha or 2 * rank
+    if config.alpha is None:
+        why.append("alpha = 2 x rank")
+    return rank, alpha, sorted(targets), "; ".join(why)
+
+
+def _estimate(plan: RunPlan, arch, machine: Machine, grad_checkpointing: bool, calibrated: bool = False):
+    from .estimator import estimate
+
+    attention_names = {layer.name for layer in arch.linear_layers() if layer.group == "attention"}
+    targets = "attention" if set(plan.targets) <= attention_names else "all"
+    return estimate(arch, method="qlora" if plan.quant != "none" else "lora",
+                    quant=None if plan.quant == "none" else plan.quant, double_quant=plan.double_quant,
+                    rank=plan.rank, targets=targets, batch=plan.batch_size, seq=plan.max_seq_len,
+                    grad_checkpointing=grad_checkpointing, optimizer=plan.optimizer, attention=plan.attention,
+                    compute_dtype=plan.precision,
+                    calibrated=calibrated, gpu_name=machine.gpu_name if calibrated else None)
+
+
+def _checkpointing(config: TrainConfig, plan: RunPlan, arch, machine: Machine) -> tuple[bool, str | None]:
+    """Gradient checkpointing recomputes each layer's forward pass in backward (about a third more compute)
+    to keep activations small. On a GPU memory is the limit, so it stays on unless the user turns it off;
+    on the CPU it is turned off when the estimate without it fits in half of the RAM free now."""
+    if config.gradient_checkpointing is not None:
+        return config.gradient_checkpointing, None
+    if plan.device == "cuda":
+        return True, "GPU memory is the limit"
+    need = None
+    if arch is not None:
+        try:
+            need = _estimate(plan, arch, machine, grad_checkpointing=False).total_bytes
+        except ValueError:
+            need = None
+    available = machine.ram_available_bytes
+    if need is None or not available:
+        return True, "cannot tell whether the run fits in RAM without it"
+    if need <= available / 2:
+        return False, f"about {need / GiB:.1f} GiB needed without it, under half of the RAM free now"
+    return True, f"about {need / GiB:.1f} GiB needed without it, more than half of the RAM free now"
+
+
+def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module_names: list[str] | None = None,
+             n_params: int | None = None) -> RunPlan:
+    """Every decision for ``config`` on ``machine``.
+
+    ``architecture``: the model's `catalog.Architecture` (its layer names, size and shapes); None when
+    it cannot be read, in which case ``module_names`` and ``n_params`` (read from the loaded model)
+    stand in and there is no memory estimate.
+    """
+    if config.device == "cuda" and machine.device != "cuda":
+        raise ConfigError("device: cuda was asked for, but this machine has no CUDA GPU", field="device",
+                          why="no CUDA GPU")
+    reasons: dict[str, str] = {}
+    device = machine.device
+    if config.device is None:
+        reasons["device"] = "the CUDA GPU" if device == "cuda" else "no CUDA GPU: training runs on the CPU"
+    precision = precision_for(device, machine.compute_capability)
+    reasons["precision"] = _precision_reason(device, machine.compute_capability, precision)
+
+    if architecture is not None:
+        layers = architecture.linear_layers()
+        names = sorted({layer.name for layer in layers})
+        attention_names = {layer.name for layer in layers if layer.group == "attention"}
+        params = architecture.total_params
+    else:  # the layers of the loaded model; none yet: the targets are chosen when it loads
+        names, attention_names, params = sorted(module_names or []), None, n_params
+    if names:
+        rank, alpha, targets, lora_why = auto_lora(config, names, attention_names, params)
+    else:
+        rank, alpha, targets = config.rank or 16, config.alpha or 2 * (config.rank or 16), []
+        lora_why = "targets chosen when the model loads (its config cannot be read before)"
+    if lora_why:
+        reasons["lora"] = lora_why
+    optimizer = config.optimizer or AUTO_OPTIMIZER[device]
+    if config.optimizer is None:
+        reasons["optimizer"] = ("paged 8-bit AdamW: small states that can spill to RAM" if device == "cuda"
+                                else "32-bit AdamW (bitsandbytes' 8-bit optimizers need a GPU)")
+    attention = config.attention or AUTO_ATTENTION[device]
+    if config.attention is None:
+        reasons["attention"] = ("fastest measured on the CPU (the fused SDPA backward is slow there)"
+                                if device == "cpu" else "fused SDPA kernels on the GPU")
+    batching = config.batching or "packed"
+    if config.batching is None:
+        reasons["batching"] = ("no padding: examples packed into rows, used where the model's attention keeps them "
+                               "apart (checked when it loads; otherwise padded and grouped by length)")
+    plan = RunPlan(model=config.model, architecture=architecture.name if architecture is not None else None,
+                   model_params=params, device=device, machine=machine.label, precision=precision, quant=config.quant,
+                   double_quant=config.double_quant, rank=rank, alpha=alpha, targets=targets,
+                   lora_dropout=config.lora_dropout, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                   max_seq_len=config.max_seq_len, batching=batching, attention=attention,
+                   gradient_checkpointing=True, optimizer=optimizer, reasons=reasons)
+    plan.gradient_checkpointing, why = _checkpointing(config, plan, architecture, machine)
+    if why:
+        reasons["gradient_checkpointing"] = why
+    plan.memory = _memory(plan, architecture, machine)
+    if plan.memory is None:
+        reasons["memory"] = "no estimate: the model's shape is not one the estimator knows"
+    return plan
+
+
+def _precision_reason(device: str, cc, precision: str) -> str:
+    if device == "cpu":
+        return "bf16 autocast on the CPU"
+    cc_text = ".".join(map(str, cc)) if cc else "unknown"
+    return {"bf16": f"compute capability {cc_text} has native bf16",
+            "fp16": f"compute capability {cc_text} has no native bf16: fp16 with loss scaling",
+            "fp32": f"compute capability {cc_text}: fp16 math is slow on this card, so fp32"}[precision]
+
+
+def _memory(plan: RunPlan, arch, machine: Machine) -> dict | None:
+    from .estimator import HEADROOM, calibration_summary
+
+    if arch is None:
+        return None
+    try:
+        est = _estimate(plan, arch, machine, plan.gradient_checkpointing)
+    except ValueError:
+        return None
+    out = {"estimate_bytes": est.total_bytes, "breakdown": est.breakdown, "where": plan.device}
+    if plan.device != "cuda":
+        return out
+    # On a card with finished runs recorded, the estimate is scaled by their measured/estimated ratio.
+    summary = calibration_summary(machine.gpu_name) if machine.gpu_name else None
+    if summary:
+        calibrated = _estimate(plan, arch, machine, plan.gradient_checkpointing, calibrated=True)
+        out.update(estimate_bytes=calibrated.total_bytes, breakdown=calibrated.breakdown,
+                   uncalibrated_bytes=est.total_bytes, calibration=summary)
+    available = machine.gpu_free_bytes or machine.gpu_total_bytes
+    out.update(available_bytes=available, headroom=HEADROOM,
+               fits=bool(available) and out["estimate_bytes"] * (1 + HEADROOM) <= available)
+    return out
+
+
+def plan_for(config: TrainConfig, machine: Machine | None = None) -> RunPlan:
+    """The plan for ``config`` on this machine (or ``machine``), the model's shape read without loading or
+    downloading it (`models.model_architecture`); a model whose shape cannot be read that way gets its
+    LoRA targets when it loads."""
+    from .errors import StudioError
+    from .models import model_architecture
+
+    machine = machine or Machine.detect(config.device)
+    try:
+        arch = None if str(config.model).lower().endswith(".gguf") else model_architecture(config.model)
+    except (StudioError, OSError, ValueError):
+        arch = None
+    return plan_run(config, machine, arch)

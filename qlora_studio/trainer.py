@@ -1,0 +1,426 @@
+"""The Trainer side of a run: executing a `RunPlan` with transformers' Trainer and peft.
+
+`train` is one attempt at a run (the retry loop around it is `training.run_training`): it loads the
+data, the model and the adapters as the plan says, checks the plan against the loaded model (the LoRA
+targets exist; the attention keeps packed examples apart), builds the Trainer with `StudioCallback`,
+trains, and writes the adapter, summary.json and the final status.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import StudioError, TrainingError
+from .plan import Machine, RunPlan, plan_run
+from .runs import RunFolder, read_metrics_from
+
+
+def peak_memory_mb(device: str) -> dict:
+    if device == "cuda":
+        import torch
+
+        return {"memory_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+                "memory_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+    try:  # the process's peak resident memory (Linux)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return {"memory_rss_mb": int(line.split()[1]) / 1024}
+    except OSError:
+        pass
+    return {}
+
+
+def callback_class():
+    from transformers import TrainerCallback
+
+    class StudioCallback(TrainerCallback):
+        """Writes metrics.jsonl, honours stop requests, keeps status.json current, and feeds each
+        record to a `Diagnoser`: its findings go to train.log, and a NaN/inf stops the run at once
+        without evaluating or saving the poisoned state (``self.nonfinite`` holds that finding)."""
+
+        def __init__(self, run: RunFolder, stop_event: threading.Event, device: str, log=print, diagnoser=None):
+            self.run = run
+            self.stop_event = stop_event
+            self.device = device
+            self.log = log
+            self.diagnoser = diagnoser
+            self.last_time = None
+            self.last_tokens = 0
+            self.stopped = False
+            self.nonfinite = None
+            self.start_time = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_time = self.start_time = time.time()
+            self.last_tokens = state.num_input_tokens_seen
+            self.run.set_status("running", max_steps=state.max_steps, step=state.global_step,
+                                started_at=self.run.status().get("started_at") or time.time())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            now = time.time()
+            rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": now}
+            if "eval_loss" in logs:
+                rec["type"] = "eval"
+                rec.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+            elif "loss" in logs:
+                rec["type"] = "train"
+                rec["loss"] = logs["loss"]
+                rec["lr"] = logs.get("learning_rate")
+                rec["grad_norm"] = logs.get("grad_norm")
+                tokens = state.num_input_tokens_seen
+                dt = now - (self.last_time or now)
+                rec["tokens"] = tokens
+                rec["tokens_per_s"] = (tokens - self.last_tokens) / dt if dt > 0 else None
+                rec.update(peak_memory_mb(self.device))
+                self.last_time, self.last_tokens = now, tokens
+            else:
+                return
+            self.run.append_metrics(rec)
+            if rec["type"] == "train":
+                self.log(f"step {rec['step']}/{state.max_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                         f"grad_norm {rec['grad_norm'] if rec['grad_norm'] is None else round(rec['grad_norm'], 3)} "
+                         f"tok/s {rec['tokens_per_s'] or 0:.0f}")
+            else:
+                self.log(f"eval at step {rec['step']}: eval_loss {rec['eval_loss']:.4f}")
+            if self.diagnoser is None:
+                return
+            for finding in self.diagnoser.add(rec):
+                log_finding(self.log, finding)
+            if self.diagnoser.stop_reason is not None and self.nonfinite is None:
+                self.nonfinite = self.diagnoser.stop_reason
+                control.should_training_stop = True
+                control.should_save = False  # the weights after this step are not worth keeping
+                control.should_evaluate = False
+                self.log(f"stopping at step {state.global_step}: non-finite values; nothing more is saved")
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.stop_event.is_set() and not self.stopped:
+                self.stopped = True
+                control.should_training_stop = True
+                control.should_save = True
+                self.log(f"stop requested: saving a checkpoint at step {state.global_step}")
+            return control
+
+    return StudioCallback
+
+
+def log_finding(log, finding) -> None:
+    log(f"finding ({finding.severity}) {finding.kind} at step {finding.step}: {finding.message}")
+    for i, fix in enumerate(finding.fixes, 1):
+        log(f"  fix {i}: {fix.title}" + (f" {fix.changes}" if fix.changes else ""))
+
+
+def load_init_adapter(model, path: str, log) -> None:
+    """Start from an earlier run's LoRA weights (same rank and targets)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(path) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise TrainingError(f"init_adapter: {path} does not fit this model's LoRA layers "
+                            f"(e.g. {unexpected[0]}); start from scratch instead", "init_adapter")
+    log(f"starting from the adapter weights in {path} ({len(state)} tensors); "
+        "the optimizer and the learning-rate schedule start fresh because settings changed")
+
+
+# ------------------------------------------------------------------ one attempt at a run
+
+
+def run_log(run: RunFolder, echo: bool):
+    path = run.path / "train.log"
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        if echo:
+            print(line, flush=True)
+
+    return log
+
+
+def _prepare_data(run: RunFolder, cfg: TrainConfig, tokenizer, stored: dict, log):
+    from .data import prepare_dataset
+    from .diagnose import data_findings
+    from .runs import atomic_write_json
+
+    data = prepare_dataset(cfg.data, tokenizer, cfg.max_seq_len, cfg.eval_fraction, cfg.seed, cfg.data_format)
+    rep = data.report
+    log(f"data {rep.path}: format {rep.format}, {rep.usable}/{rep.rows} rows usable, "
+        f"{rep.truncated} truncated at {cfg.max_seq_len}, train {len(data.train)}, eval {len(data.eval) if data.eval else 0}")
+    for issue in rep.errors[:20]:
+        log("  skipped " + issue.format(rep.path))
+    atomic_write_json(run.path / "data_report.json", rep.to_dict())
+    for finding in data_findings(rep.to_dict(), stored):
+        log_finding(log, finding)
+    return data
+
+
+def _fit_plan_to_model(run: RunFolder, cfg: TrainConfig, plan: RunPlan, model, source_path: Path, machine: Machine,
+                       log) -> RunPlan:
+    """The plan, checked against the loaded model. LoRA targets are planned from the model's config; when
+    that could not be read, or a target is missing from the model, they are planned from its layers.
+    Packing is used only where the attention keeps packed examples apart. Each change is recorded in
+    plan.json's ``adjustments``."""
+    from .batching import packing_respected
+    from .loading import count_parameters, linear_module_names
+
+    adjustments = []
+    names = linear_module_names(model)
+    if not plan.targets and plan.architecture is None:  # planned before the model's config could be read
+        from .catalog import load_architecture
+
+        try:
+            arch = load_architecture(source_path)
+        except (StudioError, OSError, ValueError):
+            arch = None
+        if arch is not None:
+            full = plan_run(cfg, machine, arch)
+            full.batch_size, full.grad_accum = plan.batch_size, plan.grad_accum
+            plan = full
+    if not plan.targets or not set(plan.targets) <= set(names):
+        replanned = plan_run(cfg, machine, None, module_names=names, n_params=count_parameters(model))
+        if plan.targets:
+            adjustments.append(f"LoRA targets {plan.targets} -> {replanned.targets}: the loaded model's linear "
+                               f"layers are {names}")
+        for key in ("rank", "alpha", "targets", "model_params"):
+            setattr(plan, key, getattr(replanned, key))
+        plan.reasons["lora"] = replanned.reasons.get("lora", "as configured") + " (from the loaded model's layers)"
+    checks = {}
+    if plan.batching == "packed":
+        ok, why = packing_respected(model)
+        checks["packing"] = why
+        if not ok:
+            plan.batching = "grouped"
+            plan.reasons["batching"] = "padded batches grouped by length: " + why
+            adjustments.append("batching packed -> grouped: " + why)
+    for a in adjustments:
+        log("plan adjusted: " + a)
+    doc = run.plan()
+    run.update_plan(adjustments=(doc.get("adjustments") or []) + adjustments, checks=checks)
+    return plan
+
+
+def _schedule(cfg: TrainConfig, plan: RunPlan, n_train: int) -> dict:
+    steps_per_epoch = math.ceil(n_train / plan.effective_batch)
+    total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    eval_steps = cfg.eval_steps or max(1, total // 5)
+    return {"train_examples": n_train, "steps_per_epoch": steps_per_epoch, "total_steps": total,
+            "eval_steps": eval_steps, "save_steps": cfg.save_steps or eval_steps}
+
+
+def _training_args(run: RunFolder, cfg: TrainConfig, plan: RunPlan, schedule: dict, has_eval: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(run.checkpoints_dir),
+        per_device_train_batch_size=plan.batch_size,
+        per_device_eval_batch_size=plan.batch_size,
+        gradient_accumulation_steps=plan.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,  # show NaN/inf losses as they are
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=schedule["eval_steps"],
+        save_strategy="steps",
+        save_steps=schedule["save_steps"],
+        save_total_limit=2,
+        # The checkpoint with the lowest eval loss survives rotation: "stop at the best checkpoint"
+        # (the overfitting fix) needs it. Nothing is reloaded at the end.
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
+        optim=plan.optimizer,
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
+        use_cpu=plan.device == "cpu",
+        seed=cfg.seed,
+        report_to="none",
+        disable_tqdm=True,
+        # Counted by the batch's attention_mask: real tokens only, packed or padded.
+        include_num_input_tokens_seen="non_padding",
+        # Without packing, examples of similar length share a batch, so less compute goes to padding.
+        train_sampling_strategy="group_by_length" if plan.batching == "grouped" else "random",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def _collator(plan: RunPlan, tokenizer, model):
+    from transformers import DataCollatorForSeq2Seq
+
+    from .batching import PackedBatches
+
+    if plan.batching != "packed":
+        return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    hidden = getattr(model.config, "hidden_size", None) or 1024
+    return PackedBatches(pad_id, attention_span=(2.2 if plan.device == "cpu" else 6.0) * hidden)
+
+
+def _add_adapters(model, cfg: TrainConfig, plan: RunPlan, resume: bool, log):
+    from peft import LoraConfig, get_peft_model
+
+    if plan.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=plan.rank, lora_alpha=plan.alpha, target_modules=plan.targets,
+                                             lora_dropout=plan.lora_dropout, bias="none", task_type="CAUSAL_LM"))
+    if cfg.init_adapter and not resume:
+        load_init_adapter(model, cfg.init_adapter, log)
+    return model
+
+
+def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.Event, resume: bool, log,
+          extra_callbacks: list) -> dict:
+    """One attempt at the run in ``run`` (its plan in plan.json); returns the final status."""
+    import torch
+    from transformers import PrinterCallback, set_seed
+
+    from .batching import studio_trainer_class
+    from .compat import keep_4bit_weights_trainable
+    from .diagnose import Diagnoser, settings_view
+    from .loading import count_parameters, load_plan_model, load_tokenizer
+    from .models import resolve_model
+    from .recovery import truncate_metrics_after
+
+    set_seed(cfg.seed)
+    machine = Machine.detect(cfg.device)
+    doc = run.plan()
+    plan = RunPlan.from_dict(doc["plan"])
+    source = resolve_model(cfg.model)
+    log(f"model {cfg.model} -> {source.path} ({source.kind}); device: {plan.machine}, {plan.precision}")
+    tokenizer = load_tokenizer(source.path, cfg.trust_remote_code)
+    data = _prepare_data(run, cfg, tokenizer, stored, log)
+
+    model = load_plan_model(source.path, plan, cfg.trust_remote_code)
+    keep_4bit_weights_trainable(model)
+    model.config.use_cache = False
+    n_params = count_parameters(model)
+    plan = _fit_plan_to_model(run, cfg, plan, model, source.path, machine, log)
+    packing = (run.plan().get("checks") or {}).get("packing")
+    log(f"speed: attention {plan.attention}; gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}"
+        f" ({plan.reasons.get('gradient_checkpointing', 'as configured')}); batching {plan.batching} "
+        f"({packing if packing and plan.batching == 'packed' else plan.reasons.get('batching', 'as configured')})")
+    model = _add_adapters(model, cfg, plan, resume, log)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"LoRA r={plan.rank} alpha={plan.alpha} on {plan.targets} ({plan.reasons.get('lora') or 'as configured'}); "
+        f"trainable {trainable:,} of {n_params:,} parameters ({100 * trainable / n_params:.2f}%)")
+    schedule = _schedule(cfg, plan, len(data.train))
+    run.update_plan(plan=plan.to_dict(), schedule=schedule,
+                    model={"path": str(source.path), "kind": source.kind, "trainable_params": trainable,
+                           "total_params": n_params, "trainable_share": trainable / n_params})
+
+    diagnoser = Diagnoser(settings_view(stored, run.plan()))
+    callback = callback_class()(run, stop_event, plan.device, log, diagnoser)
+    trainer = studio_trainer_class()(model=model, args=_training_args(run, cfg, plan, schedule, data.eval is not None),
+                                     train_dataset=data.train, eval_dataset=data.eval,
+                                     data_collator=_collator(plan, tokenizer, model), processing_class=tokenizer,
+                                     callbacks=[callback, *extra_callbacks])
+    trainer.packed = plan.batching == "packed"
+    trainer.remove_callback(PrinterCallback)  # our callback logs; the printer would echo raw dicts
+    resume_from = None
+    if resume:
+        ckpt = run.last_checkpoint()
+        if ckpt is None:
+            raise TrainingError(f"{run.path}: no checkpoint to resume from")
+        truncate_metrics_after(run, int(ckpt.name.rsplit("-", 1)[-1]))
+        resume_from = str(ckpt)
+        log(f"resuming from {ckpt.name}")
+        diagnoser.add_all(run.metrics())  # the detectors see the history they continue (findings already logged)
+    if plan.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    total_steps = schedule["total_steps"]
+    run.set_status("running", phase="training", total_steps=total_steps)
+    if total_steps > 0:
+        result_metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
+    else:  # a run that starts from an adapter with nothing left to train: evaluate and keep it
+        log("no steps left to train: evaluating the starting adapter and keeping it")
+        result_metrics = {}
+        trainer.state.global_step = 0
+    return _finish(run, plan, trainer, callback, data, result_metrics, bool(resume_from), log)
+
+
+def _finish(run: RunFolder, plan: RunPlan, trainer, callback, data, result_metrics: dict, resumed: bool, log) -> dict:
+    """After training: the rollback of a NaN run, or the adapter, the final evaluation and summary.json."""
+    from .recovery import roll_back_nonfinite
+
+    step = trainer.state.global_step
+    total_steps = (run.plan().get("schedule") or {}).get("total_steps")
+    if callback.nonfinite is not None:
+        good = roll_back_nonfinite(run, callback.nonfinite, log)
+        f = callback.nonfinite
+        run.write_summary({"global_step": step, "total_steps": total_steps, "device": plan.device,
+                           "peak_memory": peak_memory_mb(plan.device), "nonfinite_step": f.step,
+                           "last_good_checkpoint": good.name if good else None})
+        return run.set_status("failed", error=f"non-finite values at step {f.step}: {f.message}", error_kind="nonfinite",
+                              finished_at=time.time(), phase="failed", step=step,
+                              last_checkpoint=good.name if good else None)
+
+    trainer.model.save_pretrained(str(run.adapter))
+    trainer.processing_class.save_pretrained(str(run.adapter))
+    final_eval = {}
+    if data.eval is not None:
+        records, _ = read_metrics_from(run.metrics_path)
+        evals = [r for r in records if r.get("type") == "eval"]
+        if (not evals or evals[-1]["step"] != step) and not callback.stopped:
+            final_eval = trainer.evaluate()  # a stopped run reports its last evaluation instead: stopping stays quick
+        elif evals:
+            final_eval = {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
+    records, _ = read_metrics_from(run.metrics_path)
+    train_losses = [r["loss"] for r in records if r.get("type") == "train"]
+    tokens = trainer.state.num_input_tokens_seen
+    runtime = result_metrics.get("train_runtime")
+    summary = {
+        "train_runtime_s": runtime, "global_step": step, "total_steps": total_steps, "epoch": trainer.state.epoch,
+        "non_pad_tokens": tokens, "tokens_per_s": tokens / runtime if runtime else None,
+        "final_loss": train_losses[-1] if train_losses else None,
+        "first_loss": train_losses[0] if train_losses else None,
+        "eval": final_eval, "peak_memory": peak_memory_mb(plan.device), "device": plan.device, "resumed": resumed,
+    }
+    if plan.device == "cuda":
+        import torch
+
+        summary["gpu_total_mb"] = torch.cuda.get_device_properties(0).total_memory / 2**20
+    summary["memory_estimate"] = _estimate_vs_measured(run, plan, summary["peak_memory"], log)
+    run.write_summary(summary)
+    state = "stopped" if callback.stopped else "completed"
+    log(f"{state} at step {step}: final loss {summary['final_loss']}, "
+        f"{summary['tokens_per_s'] or 0:.0f} non-pad tokens/s; adapter in {run.adapter}")
+    return run.set_status(state, finished_at=time.time(), phase=state, step=step)
+
+
+def _estimate_vs_measured(run: RunFolder, plan: RunPlan, peak: dict, log) -> dict | None:
+    """The plan's memory estimate next to the measured peak; on CUDA the pair (the estimate before any
+    calibration) is recorded so the estimator can calibrate itself to this card."""
+    from .estimator import record_measurement
+
+    mem = plan.memory or {}
+    if not mem.get("estimate_bytes"):
+        log("no memory estimate for this model (its shape is not one the estimator knows)")
+        return None
+    out = {"estimated_bytes": mem["estimate_bytes"], "breakdown": mem.get("breakdown")}
+    if plan.device == "cuda" and peak.get("memory_reserved_mb"):
+        import torch
+
+        measured = int(peak["memory_reserved_mb"] * 2**20)
+        raw = mem.get("uncalibrated_bytes") or mem["estimate_bytes"]
+        out.update(measured_bytes=measured, error=(mem["estimate_bytes"] - measured) / measured)
+        cfg = run.config()
+        record_measurement(raw, measured, torch.cuda.get_device_name(0), model=str(cfg.get("model")),
+                           batch=plan.batch_size, seq=plan.max_seq_len, quant=plan.quant)
+        log(f"memory: estimated {mem['estimate_bytes'] / 2**30:.2f} GiB, measured peak {measured / 2**30:.2f} GiB reserved")
+    return out
