@@ -56,17 +56,18 @@ class Case:
     optimizer: str = "paged_adamw_8bit"
     double_quant: bool = True
     attention: str = "sdpa"
+    compute_dtype: str | None = None  # bf16 | fp16; None: the card's own (bf16 from compute capability 8.0)
 
     @property
     def label(self) -> str:
         quant = self.quant + ("+dq" if self.quant != "none" and self.double_quant else "")
         ckpt = "ckpt" if self.checkpointing else "no-ckpt"
         return (f"{self.model} {quant} r{self.rank}/{self.targets} b{self.batch}x{self.seq} {ckpt} "
-                f"{self.optimizer} {self.attention}")
+                f"{self.optimizer} {self.attention}" + (f" {self.compute_dtype}" if self.compute_dtype else ""))
 
 
-# Sizes 0.5B-8B; NF4/FP4/none; ranks 8-64; batch 1-8; seq 512-4096; checkpointing on/off; grouped by model
-# so that each random checkpoint is written once.
+# Sizes 0.5B-14B; NF4/FP4/none; ranks 8-64; batch 1-8; seq 512-4096; checkpointing on/off; bf16 and fp16
+# compute (fp16: what a Turing card runs); grouped by model so that each random checkpoint is written once.
 CASES = [
     Case("Qwen2.5-0.5B", "nf4", 16, "attention", 1, 512, True),
     Case("Qwen2.5-0.5B", "nf4", 16, "all", 4, 1024, False),
@@ -75,10 +76,12 @@ CASES = [
     Case("Llama-3.2-1B", "fp4", 16, "attention", 8, 512, False, double_quant=False),
     Case("Qwen2.5-1.5B", "nf4", 16, "all", 4, 2048, True),
     Case("Qwen2.5-1.5B", "nf4", 16, "attention", 2, 1024, False, attention="eager"),
+    Case("Qwen2.5-1.5B", "nf4", 16, "all", 2, 1024, True, compute_dtype="fp16"),
     Case("Gemma-2-2B", "nf4", 16, "all", 2, 1024, True),
     Case("Phi-3.5-mini", "nf4", 16, "all", 2, 1024, True),
     Case("Llama-3.2-3B", "nf4", 16, "all", 1, 4096, True),
     Case("Llama-3.2-3B", "fp4", 32, "attention", 4, 1024, True, optimizer="adamw_torch", double_quant=False),
+    Case("Llama-3.2-3B", "nf4", 16, "all", 4, 2048, True, compute_dtype="fp16"),
     Case("Qwen2.5-3B", "none", 16, "attention", 2, 1024, True),
     Case("Qwen2.5-7B", "nf4", 16, "attention", 1, 512, True),
     Case("Qwen2.5-7B", "nf4", 16, "all", 4, 2048, True),
@@ -86,6 +89,7 @@ CASES = [
     Case("Llama-3.1-8B", "nf4", 16, "all", 4, 2048, True),
     Case("Llama-3.1-8B", "fp4", 16, "attention", 2, 1024, False, optimizer="adamw_8bit"),
     Case("Llama-3.1-8B", "none", 16, "attention", 1, 1024, True),
+    Case("Qwen2.5-14B", "nf4", 8, "attention", 2, 2048, True),  # what auto_lora picks at 14B: r8, attention
 ]
 
 TARGET_NAMES = {
@@ -101,6 +105,8 @@ def compute_dtype_name() -> str:
 
 
 def estimate_case(case: Case, compute_dtype: str = "bf16") -> MemoryBreakdown:
+    """The estimate for a case; its own ``compute_dtype``, when it has one, wins over the argument."""
+    compute_dtype = case.compute_dtype or compute_dtype
     return estimate(
         load_architecture(case.model), method="qlora" if case.quant != "none" else "lora", quant=case.quant,
         double_quant=case.double_quant, rank=case.rank, targets=case.targets, batch=case.batch, seq=case.seq,
@@ -168,7 +174,7 @@ def run_case(case: Case, folder: Path, steps: int, baseline_used: int | None) ->
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     arch = load_architecture(case.model)
-    compute = compute_dtype_name()
+    compute = case.compute_dtype or compute_dtype_name()
     dtype = torch.bfloat16 if compute == "bf16" else torch.float16
     attention = "eager" if arch.model_type == "gemma2" else case.attention
     kwargs = dict(dtype=dtype, attn_implementation=attention, device_map={"": 0})
@@ -214,6 +220,7 @@ def run_case(case: Case, folder: Path, steps: int, baseline_used: int | None) ->
         "max_reserved": torch.cuda.max_memory_reserved(),
         "seconds_per_step": (time.time() - started) / steps,
         "loss": float(loss),
+        "compute_dtype": compute,
     }
     used = nvml_used_bytes()
     result["nvml_used"] = used - baseline_used if (used is not None and baseline_used is not None) else None
