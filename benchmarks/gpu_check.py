@@ -32,7 +32,6 @@ Without CUDA (and without --dry-run) the script says so in one line and exits wi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -42,7 +41,6 @@ import signal
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -83,7 +81,7 @@ class ModelFolders:
             (folder / ".complete").touch()
         if tokenizer and not (folder / "tokenizer_config.json").exists():
             from qlora_studio.models import embedded_model_path
-            from qlora_studio.training import load_tokenizer
+            from qlora_studio.loading import load_tokenizer
 
             load_tokenizer(embedded_model_path()).save_pretrained(folder)  # its ids fit every catalog vocabulary
             self.tokenizer_ready = True
@@ -182,7 +180,8 @@ def step_oom(ctx, rec: dict) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from qlora_studio.training import TrainConfig, prepare_run, run_training
+    from qlora_studio.config import TrainConfig
+    from qlora_studio.training import prepare_run, run_training
 
     a, name = ctx.args, ctx.args.small_model
     folder = ctx.folders.get(name, tokenizer=True)
@@ -227,29 +226,21 @@ def step_oom(ctx, rec: dict) -> dict:
             "recoveries": recoveries}
 
 
-@contextmanager
-def forced_fp16():
-    """fp16 compute on any card. The core has no setting for it (device_plan picks bf16 from compute
-    capability 8.0), so this script -- and only while this block runs -- wraps training.device_plan;
-    run_training looks the name up in its module at each call. No file of qlora_studio changes."""
-    from qlora_studio import training
+def fp16_plan(cfg, machine=None):
+    """The run's plan with fp16 compute, what a Turing card (compute capability 7.5) gets, on any card:
+    the trainer executes whatever plan it is given (plan.json), so no code path is patched."""
+    from qlora_studio.plan import plan_for
 
-    original = training.device_plan
-
-    def fp16_plan(cfg):
-        plan = original(cfg)
-        return dataclasses.replace(plan, compute_dtype="float16", reason=plan.reason + "; fp16 forced by gpu_check")
-
-    training.device_plan = fp16_plan
-    try:
-        yield
-    finally:
-        training.device_plan = original
+    plan = plan_for(cfg, machine)
+    plan.precision = "fp16"
+    plan.reasons["precision"] = "fp16 forced by gpu_check (what a compute capability 7.x card trains in)"
+    return plan
 
 
 def step_fp16(ctx, rec: dict) -> dict:
+    from qlora_studio.config import TrainConfig
     from qlora_studio.runs import RunFolder
-    from qlora_studio.training import TrainConfig, prepare_run, run_training
+    from qlora_studio.training import prepare_run, run_training
 
     a = ctx.args
     folder = ctx.folders.get(a.small_model, tokenizer=True)
@@ -257,15 +248,14 @@ def step_fp16(ctx, rec: dict) -> dict:
     tp.make_data(data, a.fp16_steps * 4, max_words=512, seed=1)
     cfg = TrainConfig(model=str(folder), data=str(data), data_format="text", quant="nf4", batch_size=4, max_seq_len=512,
                       max_steps=a.fp16_steps, eval_fraction=0.0, save_steps=10**9)
-    run = prepare_run(cfg, name=f"gpu-check-fp16-{int(time.time())}")
-    with forced_fp16():
-        status = run_training(run)
+    run = prepare_run(cfg, name=f"gpu-check-fp16-{int(time.time())}", plan=fp16_plan(cfg))
+    status = run_training(run)
     free_cuda()
     train = [r for r in RunFolder(run.path).metrics() if r.get("type") == "train"]
     losses = [r.get("loss") for r in train]
     finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
-    dtype = (json.loads((run.path / "config.json").read_text()).get("device_plan") or {}).get("compute_dtype")
-    return {"checks": {"run completed": status.get("state") == "completed", "compute dtype was float16": dtype == "float16",
+    dtype = (RunFolder(run.path).plan().get("plan") or {}).get("precision")
+    return {"checks": {"run completed": status.get("state") == "completed", "compute dtype was fp16": dtype == "fp16",
                        "every loss finite": bool(losses) and all(finite(x) for x in losses)},
             "facts": {"state": status.get("state"), "error": status.get("error"), "steps logged": len(losses),
                       "losses": [round(x, 4) if finite(x) else str(x) for x in losses],
@@ -278,10 +268,10 @@ def step_rate(folder: Path, attention: str, batch: int, seq: int, compiled: bool
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from qlora_studio.training import linear_module_names, load_base_model
+    from qlora_studio.loading import linear_module_names, load_base_model
 
     dtype = torch.bfloat16 if va.compute_dtype_name() == "bf16" else torch.float16
-    model = load_base_model(folder, "nf4", str(dtype).removeprefix("torch."), "cuda", attention=attention)
+    model = load_base_model(folder, "nf4", va.compute_dtype_name(), "cuda", attention=attention)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()

@@ -99,9 +99,12 @@ TARGET_NAMES = {
 
 
 def compute_dtype_name() -> str:
+    """This GPU's training precision, by the studio's one rule (`plan.precision_for`)."""
     import torch
 
-    return "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
+    from qlora_studio.plan import precision_for
+
+    return precision_for("cuda", tuple(torch.cuda.get_device_capability()))
 
 
 def estimate_case(case: Case, compute_dtype: str = "bf16") -> MemoryBreakdown:

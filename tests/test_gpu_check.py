@@ -259,14 +259,16 @@ def test_models_written_by_step_1_are_not_counted_again():
     assert alone - after_vram == pytest.approx(gplan.write_s(a.tp_model), abs=0.2)
 
 
-def test_forced_fp16_changes_the_plan_only_inside_the_block():
+def test_the_fp16_run_is_an_ordinary_plan_with_fp16_compute():
     import gpu_check
-    from qlora_studio import training
+    from qlora_studio.config import TrainConfig
+    from qlora_studio.plan import Machine, plan_for
 
-    cfg = training.TrainConfig(data="x.jsonl", device="cpu")
-    with gpu_check.forced_fp16():
-        assert training.device_plan(cfg).compute_dtype == "float16"
-    assert training.device_plan(cfg).compute_dtype == "bfloat16"
+    cfg = TrainConfig(data="x.jsonl", device="cpu")
+    machine = Machine("cpu", ram_available_bytes=8 * 2**30)
+    forced = gpu_check.fp16_plan(cfg, machine)
+    assert forced.precision == "fp16" and "forced" in forced.reasons["precision"]
+    assert plan_for(cfg, machine).precision == "bf16"  # nothing else changed
 
 
 def test_vram_cases_cover_fp16_compute_and_14b():
