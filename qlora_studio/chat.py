@@ -7,6 +7,7 @@ temporary folder and renamed so an interrupted merge leaves nothing half-written
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import threading
@@ -79,7 +80,7 @@ def merge_run(run: str | Path | RunFolder, progress: Callable[[float, str], None
         from .loading import load_tokenizer
 
         load_tokenizer(run.adapter if (run.adapter / "tokenizer_config.json").is_file() else base_path).save_pretrained(tmp)
-        (tmp / "studio_merged.json").write_text(f'{{"base": "{base_path}", "dtype": "{save_dtype}"}}')
+        (tmp / "studio_merged.json").write_text(json.dumps({"base": str(base_path), "dtype": str(save_dtype)}))
         if run.merged.exists():
             shutil.rmtree(run.merged)
         tmp.rename(run.merged)

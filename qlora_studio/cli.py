@@ -345,7 +345,7 @@ def cmd_estimate(args) -> int:
 
 def cmd_recommend(args) -> int:
     """The largest catalog model this card (detected, named or sized) trains with headroom."""
-    from .estimator import recommend
+    from .recommend import recommend
     from .hardware import CPU_STATEMENT, close_gpu_names, find_gpu, probe_gpus
 
     if args.gpu:
@@ -450,7 +450,7 @@ def cmd_diagnose(args) -> int:
 
 def _pick_finding(findings, kind: str | None):
     """The finding to act on: of the given kind if asked, else the most severe with a fix to apply."""
-    from .diagnose import SEVERITIES
+    from .finding import SEVERITIES
 
     candidates = [f for f in findings if any(x.actionable for x in f.fixes) and (kind is None or f.kind == kind)]
     if not candidates:

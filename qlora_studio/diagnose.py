@@ -16,8 +16,9 @@ Kinds and what triggers them (the thresholds and why are in each detector's docs
 - ``underused``   on CUDA, the measured peak memory far below what the card has
 - ``data``        duplicates, conflicting answers, empty answers, truncated examples
 
-`Diagnoser` takes records one at a time (the training callback and the live UI use it);
-`diagnose` runs it over a whole list; `diagnose_run` reads a run folder.
+`Diagnoser` (here) takes records one at a time (the training callback and the live UI use it); the
+run-level findings (``oom``, ``underused``, ``data``) are in `run_checks`; `diagnose` runs both over a
+whole run; `diagnose_run` reads a run folder. `Finding` and `Fix` are in `finding`.
 
 A healthy run yields no ``warning`` or ``error`` findings: every detector is tuned so that normal
 batch-to-batch noise, the warmup and the end of the cosine schedule do not raise alarms.
@@ -27,12 +28,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("oom", "nonfinite", "spike", "plateau", "overfitting", "underused", "data")
+from .finding import (KINDS, SEVERITIES, Finding, Fix, _check_data, _finite, _fmt, _halve_lr, _mad,  # noqa: F401
+                      _num, _round_sig, _Settings, _smaller_batch, settings_view, theil_sen_slope)
+from .run_checks import data_findings, oom_findings, underused_findings
+
 GUIDE_PATH = Path(__file__).with_name("guide.md")  # the plain-words troubleshooting guide (Help tab)
-SEVERITIES = ("info", "warning", "error")
 
 # Spike: a loss is a spike when it stands SPIKE_Z robust standard deviations of step-to-step noise
 # above the recent level (see `Diagnoser._check_spike`), and at least SPIKE_MIN_JUMP above it
@@ -59,171 +61,11 @@ MAIN_STAGE_LR = (0.9, 0.25)
 # while the train loss over the same steps is lower than over the steps before.
 OVERFIT_MIN_RISE = 0.01
 
-# Under-used card: the measured peak is below this share of the card's memory (or of the estimate).
-UNDERUSED_SHARE = 0.5
-
 # Non-finite grad norms on fp16: the loss scaler skips a step when the scaled gradients overflow and
 # lowers its scale, so a few such steps are normal; this many in a row is not.
 FP16_SKIPPED_STEPS_LIMIT = 10
 
-# Data: the share of examples at which a data problem becomes a warning instead of a note.
-DATA_WARN_SHARE = 0.05
-DUPLICATE_WARN_SHARE = 0.10
 USUAL_LORA_LR = 1e-4
-
-
-@dataclass
-class Fix:
-    """One thing to try: changed settings (TrainConfig field -> new value), or advice if none.
-
-    ``from_step`` says where a run with these settings starts: from the newest good checkpoint at
-    or before that step (None: the newest good checkpoint; 0: from scratch).
-    """
-
-    title: str
-    changes: dict = field(default_factory=dict)
-    why: str = ""
-    from_step: int | None = None
-
-    @property
-    def actionable(self) -> bool:
-        return bool(self.changes)
-
-    def to_dict(self) -> dict:
-        return {"title": self.title, "changes": dict(self.changes), "why": self.why, "from_step": self.from_step}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Fix":
-        return cls(d["title"], dict(d.get("changes") or {}), d.get("why", ""), d.get("from_step"))
-
-
-@dataclass
-class Finding:
-    kind: str  # one of KINDS
-    severity: str  # info | warning | error
-    step: int  # the train step it refers to (0: before training)
-    message: str  # plain words
-    fixes: list[Fix] = field(default_factory=list)
-    details: dict = field(default_factory=dict)  # the numbers behind the message
-
-    def to_dict(self) -> dict:
-        """Plain JSON: non-finite numbers in ``details`` become the strings "nan", "inf", "-inf"."""
-        return {"kind": self.kind, "severity": self.severity, "step": self.step, "message": self.message,
-                "fixes": [f.to_dict() for f in self.fixes], "details": _json_safe(self.details)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Finding":
-        return cls(d["kind"], d["severity"], int(d.get("step") or 0), d["message"],
-                   [Fix.from_dict(f) for f in d.get("fixes") or []], dict(d.get("details") or {}))
-
-
-# ------------------------------------------------------------------ small helpers
-
-
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _num(x) -> float | None:
-    """A metric value as a float (NaN/inf kept); None when absent or not a number."""
-    if isinstance(x, bool) or x is None:
-        return None
-    if isinstance(x, (int, float)):
-        return float(x)
-    if isinstance(x, str):  # "nan" / "inf" written as text by a JSON fallback
-        try:
-            return float(x)
-        except ValueError:
-            return None
-    return None
-
-
-def _mad(values: list[float], center: float) -> float:
-    return statistics.median(abs(v - center) for v in values)
-
-
-def theil_sen_slope(xs: list[float], ys: list[float]) -> float:
-    """The median of the slopes between all pairs of points: a trend that one outlier cannot bend."""
-    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]]
-    return statistics.median(slopes) if slopes else 0.0
-
-
-def _round_sig(x: float, digits: int = 3) -> float:
-    if x == 0 or not math.isfinite(x):
-        return x
-    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
-
-
-def _fmt(x: float | None) -> str:
-    if x is None:
-        return "?"
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.4g}"
-
-
-# ------------------------------------------------------------------ fixes shared by several findings
-
-
-def settings_view(config: dict | None, plan_doc: dict | None = None) -> dict:
-    """A run's settings as they ran: config.json, with what its plan.json resolved or changed (the
-    micro-batch after out-of-memory recoveries, the device, the precision, the number of steps)."""
-    view = dict(config or {})
-    plan = (plan_doc or {}).get("plan") or {}
-    for key in ("batch_size", "grad_accum", "device", "precision"):
-        if plan.get(key) is not None:
-            view[key] = plan[key]
-    total = ((plan_doc or {}).get("schedule") or {}).get("total_steps")
-    if total is not None:
-        view["total_steps"] = total
-    return view
-
-
-class _Settings:
-    """The settings a fix starts from, read from a run's `settings_view` (TrainConfig defaults if absent)."""
-
-    def __init__(self, config: dict | None):
-        c = config or {}
-        self.config = c
-        self.learning_rate = float(c.get("learning_rate") or 2e-4)
-        self.batch_size = int(c.get("batch_size") or 4)
-        self.grad_accum = int(c.get("grad_accum") or 1)
-        self.max_seq_len = int(c.get("max_seq_len") or 512)
-        self.quant = c.get("quant") or "nf4"
-        self.double_quant = c.get("double_quant", True)
-        self.epochs = float(c.get("epochs") or 1.0)
-        self.max_steps = c.get("max_steps")
-        self.total_steps = c.get("total_steps") or self.max_steps
-        self.warmup_ratio = float(c.get("warmup_ratio") if c.get("warmup_ratio") is not None else 0.05)
-        self.device = c.get("device")
-        self.precision = c.get("precision")
-
-
-def _halve_lr(s: _Settings, from_step: int | None, why: str) -> Fix:
-    lr = _round_sig(s.learning_rate / 2)
-    return Fix(f"Halve the learning rate ({s.learning_rate:g} -> {lr:g})", {"learning_rate": lr}, why, from_step)
-
-
-def _smaller_batch(s: _Settings, from_step: int | None) -> Fix | None:
-    if s.batch_size < 2:
-        return None
-    b = s.batch_size // 2
-    return Fix(f"Use a smaller batch ({s.batch_size} -> {b})", {"batch_size": b},
-               "smaller batches make smaller, more frequent updates, which can steady a run that jumps", from_step)
-
-
-def _check_data(why: str) -> Fix:
-    return Fix("Check the data", {}, why)
 
 
 # ------------------------------------------------------------------ the incremental diagnoser
@@ -540,159 +382,6 @@ class Diagnoser:
                        fixes, {"best_step": b, "best_eval_loss": best["eval_loss"],
                                "eval_losses": [[e["step"], e["eval_loss"]] for e in self.evals],
                                "train_median_before": statistics.median(before), "train_median_after": statistics.median(after)})
-
-
-# ------------------------------------------------------------------ run-level detectors
-
-
-def oom_findings(status: dict | None, config: dict | None = None) -> list[Finding]:
-    """An out-of-memory failure (error), and each automatic recovery from one (a note)."""
-    status = status or {}
-    s = _Settings(config)
-    out = []
-    for rec in status.get("recoveries") or []:
-        out.append(Finding("oom", "info", int(rec.get("step") or 0),
-                           f"Ran out of memory at step {rec.get('step')}; recovered by itself: "
-                           f"micro-batch {rec.get('batch_size', ['?', '?'])[0]} -> {rec.get('batch_size', ['?', '?'])[1]}, "
-                           f"gradient accumulation {rec.get('grad_accum', ['?', '?'])[0]} -> {rec.get('grad_accum', ['?', '?'])[1]} "
-                           f"(same effective batch), continued from {rec.get('resumed_from') or 'the start'}.",
-                           [], dict(rec)))
-    if status.get("error_kind") != "oom":
-        return out
-    step = int(status.get("error_step") or status.get("step") or 0)
-    fixes = []
-    if s.batch_size > 2 or s.batch_size == 2 and s.grad_accum == 1:
-        b = 2 if s.batch_size > 2 else 1
-        ga = max(1, s.grad_accum * s.batch_size // b)
-        fixes.append(Fix(f"Micro-batch {b} with gradient accumulation {ga}",
-                         {"batch_size": b, "grad_accum": ga},
-                         f"activations grow with the micro-batch; accumulating {ga} micro-batches keeps the "
-                         f"effective batch at {b * ga}"))
-    if s.quant != "nf4" or not s.double_quant:
-        fixes.append(Fix("Turn on NF4 with double quantization", {"quant": "nf4", "double_quant": True},
-                         "4-bit NF4 weights take a quarter of 16-bit ones; without it memory roughly doubles"))
-    if s.max_seq_len > 128:
-        n = max(128, s.max_seq_len // 2)
-        fixes.append(Fix(f"Shorter sequences ({s.max_seq_len} -> {n} tokens)", {"max_seq_len": n},
-                         "activation memory grows with the sequence length; longer examples get cut"))
-    fixes.append(Fix("Use a smaller model", {}, "going from 7B to 3B parameters cuts the weights' memory by more than half; "
-                     "`qlora-studio recommend` shows what fits this card"))
-    fixes.append(Fix("Use a GPU with more memory", {}, "`qlora-studio recommend --gpu NAME` tells what a card can train"))
-    where = f"at step {step}" if step else "before the first step"
-    retries = status.get("recoveries") or []
-    tried = f" after {len(retries)} automatic retries with smaller micro-batches" if retries else ""
-    out.append(Finding("oom", "error", step,
-                       f"The run ran out of memory {where}{tried}. The memory was released and the last checkpoint "
-                       "was kept, so a fix can continue from it.", fixes,
-                       {"error": status.get("error"), "recoveries": len(retries)}))
-    return out
-
-
-def underused_findings(summary: dict | None, config: dict | None = None, records: list[dict] | None = None,
-                       data_report: dict | None = None) -> list[Finding]:
-    """On CUDA: the measured peak below UNDERUSED_SHARE (50%) of the card's memory (or, if the card's
-    size is not recorded, of the estimate) -- a larger micro-batch or longer sequences would fit. A
-    note, not a warning: the run is fine, it could just be faster."""
-    summary = summary or {}
-    s = _Settings(config)
-    device = summary.get("device") or s.device
-    if device != "cuda":
-        return []
-    peak_mb = (summary.get("peak_memory") or {}).get("memory_reserved_mb")
-    if not _finite(peak_mb):
-        seen = [r.get("memory_reserved_mb") for r in records or [] if _finite(r.get("memory_reserved_mb"))]
-        peak_mb = max(seen) if seen else None
-    if not peak_mb:
-        return []
-    card_mb = summary.get("gpu_total_mb")
-    est = (summary.get("memory_estimate") or {}).get("estimated_bytes")
-    if _finite(card_mb):
-        ref_mb, ref_name = card_mb, "the card's memory"
-    elif _finite(est):
-        ref_mb, ref_name = est / 2**20, "the estimate"
-    else:
-        return []
-    share = peak_mb / ref_mb
-    if share >= UNDERUSED_SHARE:
-        return []
-    fixes = []
-    b = s.batch_size * 2
-    if s.grad_accum >= 2:
-        fixes.append(Fix(f"Larger micro-batch ({s.batch_size} -> {b}), half the accumulation",
-                         {"batch_size": b, "grad_accum": s.grad_accum // 2},
-                         "the same effective batch in fewer, fuller steps: faster"))
-    else:
-        fixes.append(Fix(f"Larger batch ({s.batch_size} -> {b})", {"batch_size": b},
-                         "more examples per step use the idle memory and speed up each epoch"))
-    truncated = (data_report or {}).get("truncated") or 0
-    if truncated:
-        fixes.append(Fix(f"Longer sequences ({s.max_seq_len} -> {2 * s.max_seq_len} tokens)",
-                         {"max_seq_len": 2 * s.max_seq_len},
-                         f"{truncated} examples were cut at {s.max_seq_len} tokens; the memory is there to keep them whole"))
-    step = int(summary.get("global_step") or 0)
-    return [Finding("underused", "info", step,
-                    f"The run peaked at {peak_mb / 1024:.1f} GiB, {100 * share:.0f}% of {ref_name} "
-                    f"({ref_mb / 1024:.1f} GiB): a larger batch or longer sequences would fit.",
-                    fixes, {"peak_mb": peak_mb, "reference_mb": ref_mb, "reference": ref_name, "share": share})]
-
-
-def data_findings(report: dict | None, config: dict | None = None) -> list[Finding]:
-    """Data problems found before training, from a data report (`DataReport.to_dict()`).
-
-    Duplicates are a warning from 10% of the usable rows (they over-weight some rows and leak into the
-    eval split), conflicting answers, empty answers and truncation from 5%; fewer are notes.
-    """
-    if not report:
-        return []
-    s = _Settings(config)
-    q = report.get("quality") or {}
-    usable = max(1, int(report.get("usable") or 0))
-    rows = max(usable, int(report.get("rows") or 0))
-    path = report.get("path") or "the data"
-    out = []
-
-    def sev(n: int, of: int, share: float) -> str:
-        return "warning" if n >= share * of else "info"
-
-    dup = int(q.get("duplicates") or 0)
-    if dup:
-        out.append(Finding("data", sev(dup, usable, DUPLICATE_WARN_SHARE), 0,
-                           f"{dup} of {usable} usable rows in {path} are exact duplicates of an earlier row.",
-                           [Fix("Remove the duplicate rows", {}, "repeats count extra in training and can land in the "
-                                "eval split too, making eval loss look better than it is")],
-                           {"duplicates": dup, "lines": (q.get("examples") or {}).get("duplicates", [])}))
-    conflicts = int(q.get("conflicting_prompts") or 0)
-    if conflicts:
-        n_rows = int(q.get("conflicting_rows") or 0)
-        out.append(Finding("data", sev(n_rows, usable, DATA_WARN_SHARE), 0,
-                           f"{conflicts} prompts appear with different answers ({n_rows} rows) in {path}.",
-                           [Fix("Make the answers agree", {}, "the same question with different answers sends "
-                                "conflicting signals; keep one answer per prompt unless variety is the point")],
-                           {"conflicting_prompts": conflicts, "conflicting_rows": n_rows,
-                            "lines": (q.get("examples") or {}).get("conflicting", [])}))
-    empty = int(q.get("empty_answers") or 0)
-    if empty:
-        out.append(Finding("data", "warning", 0,
-                           f"{empty} rows in {path} have an empty answer and were left out of training.",
-                           [Fix("Fill in or remove the empty answers", {}, "a row without an answer has nothing to learn")],
-                           {"empty_answers": empty, "lines": (q.get("examples") or {}).get("empty_answers", [])}))
-    truncated = int(report.get("truncated") or 0)
-    if truncated:
-        lengths = report.get("token_lengths") or {}
-        n = min(8192, 2 * s.max_seq_len)
-        out.append(Finding("data", sev(truncated, usable, DATA_WARN_SHARE), 0,
-                           f"{truncated} of {usable} examples are longer than {s.max_seq_len} tokens and were cut; "
-                           "their answers lose their end.",
-                           [Fix(f"Raise the sequence length ({s.max_seq_len} -> {n} tokens)", {"max_seq_len": n},
-                                "whole examples teach whole answers; it costs activation memory", 0),
-                            Fix("Shorten the longest examples", {}, "or split them into several rows")],
-                           {"truncated": truncated, "token_lengths": lengths}))
-    skipped = rows - usable - empty
-    if skipped > 0:
-        out.append(Finding("data", sev(skipped, rows, DATA_WARN_SHARE), 0,
-                           f"{skipped} of {rows} rows in {path} could not be used (see `qlora-studio data check`).",
-                           [Fix("Fix the rows listed by data check", {}, "")], {"skipped": skipped}))
-    return out
 
 
 # ------------------------------------------------------------------ whole runs

@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import TrainConfig
 from .errors import StudioError, TrainingError
 from .plan import Machine, RunPlan, plan_run
-from .runs import RunFolder, read_metrics_from
+from .runs import RunFolder, checkpoint_step, read_metrics_from
 
 
 def peak_memory_mb(device: str) -> dict:
@@ -337,7 +337,7 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
         ckpt = run.last_checkpoint()
         if ckpt is None:
             raise TrainingError(f"{run.path}: no checkpoint to resume from")
-        truncate_metrics_after(run, int(ckpt.name.rsplit("-", 1)[-1]))
+        truncate_metrics_after(run, checkpoint_step(ckpt))
         resume_from = str(ckpt)
         log(f"resuming from {ckpt.name}")
         diagnoser.add_all(run.metrics())  # the detectors see the history they continue (findings already logged)

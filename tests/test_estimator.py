@@ -18,10 +18,10 @@ from qlora_studio.estimator import (
     lora_params,
     optimizer_bytes,
     quantized_linear_bytes,
-    recommend,
     record_measurement,
     weights_bytes,
 )
+from qlora_studio.recommend import recommend
 
 # ------------------------------------------------------------------ byte formulas by hand
 

@@ -156,3 +156,20 @@ def test_plan_and_dry_run_print_the_plan_and_train_nothing(tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     bad = _cli("plan", "--preset", "cpu-demo", "--rank", "0", home=tmp_path)
     assert bad.returncode == 2 and "rank: must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_recommend_uses_this_cards_calibration(studio_home):
+    from qlora_studio.estimator import record_measurement
+    from qlora_studio.hardware import GpuInfo
+    from qlora_studio.recommend import recommend
+
+    card = GpuInfo(0, "NVIDIA GeForce RTX 3060", 12 * GiB, 12 * GiB, 0, 0, "550", "12.4", (8, 6))
+    plain = recommend(card)
+    assert not any("calibrated" in n for n in plain.notes)
+    for _ in range(2):
+        record_measurement(10**9, int(1.25 * 10**9), card.name)
+    calibrated = recommend(card)
+    assert any("calibrated: scaled by 1.250" in n and "2 finished runs" in n for n in calibrated.notes)
+    # 12 GiB: uncalibrated, Gemma-2-9B fits with headroom; 25% more per estimate and it no longer does
+    assert (plain.model, calibrated.model) == ("Gemma-2-9B", "Llama-3.1-8B")
+    assert calibrated.estimate.total_bytes * 1.25 <= calibrated.usable_bytes

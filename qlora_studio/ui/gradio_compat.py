@@ -29,7 +29,7 @@ def active() -> bool:
 # ------------------------------------------------------------------ the queue's polling
 
 
-def calm_queue(demo: gr.Blocks) -> None:
+def calm_queue(demo) -> None:
     """Gradio's queue checks for work every 1 ms (10 ms for progress) on Linux, 50 ms (100 ms) on
     Windows. Every check takes the GIL from the training thread that shares this process; at the
     Windows intervals an idle app costs well under 1% of a core instead of ~5%, and an event waits at

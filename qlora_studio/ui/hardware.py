@@ -7,7 +7,8 @@ import time
 import gradio as gr
 
 from ..catalog import CATALOG, catalog_names
-from ..estimator import BREAKDOWN_KEYS, HEADROOM, estimate, recommend
+from ..estimator import BREAKDOWN_KEYS, HEADROOM, estimate
+from ..recommend import recommend
 from ..hardware import CPU_STATEMENT, GPU_CATALOG, describe_machine
 from ..models import EMBEDDED_ARCH
 from ..plan import precision_for
