@@ -240,7 +240,7 @@ def cmd_demo(args) -> int:
 def _add_run_verbs(sub) -> None:
     t = sub.add_parser("train", help="train a QLoRA adapter (prints the run folder last)")
     src = t.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="a preset from presets/ (e.g. cpu-demo)")
+    src.add_argument("--preset", help="a preset shipped with the package (e.g. cpu-demo)")
     src.add_argument("--config", help="a YAML/JSON file of settings")
     t.add_argument("--model", help="embedded | model folder | Hub id | .gguf file")
     t.add_argument("--data", help="training data (.jsonl .json .csv .parquet)")
