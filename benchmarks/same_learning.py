@@ -6,7 +6,7 @@ same tokens) with padding-free packing and with padded batches, next to the spre
 
 Each run is the product's trainer (`qlora_studio.training`) with everything automatic except
 ``batching``, on every row of the training file. The held-out loss is measured the same way for every
-run: the 16-bit base with the run's adapter, on assets/sql/test.jsonl (loss on the answer tokens, as
+run: the 16-bit base with the run's adapter, on the sample's assets/sql/test.jsonl (loss on the answer tokens, as
 trained). Seed 1 and seed 2 differ in LoRA initialisation and example order: their gap is the noise.
 """
 
@@ -20,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from qlora_studio.home import resource_dir  # noqa: E402
 
 
 def held_out_loss(run, path: str) -> float:
@@ -46,8 +48,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--data", default=str(ROOT / "assets" / "sql" / "train.jsonl"))
-    p.add_argument("--held-out", default=str(ROOT / "assets" / "sql" / "test.jsonl"))
+    p.add_argument("--data", default=str(resource_dir() / "assets" / "sql" / "train.jsonl"))
+    p.add_argument("--held-out", default=str(resource_dir() / "assets" / "sql" / "test.jsonl"))
     a = p.parse_args()
 
     from qlora_studio.models import embedded_model_path

@@ -37,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from qlora_studio.home import resource_dir  # noqa: E402
+
 LORA = dict(r=16, alpha=32, dropout=0.05)
 BASE_OURS = {"batching": "padded", "attention": "sdpa", "gradient_checkpointing": True}
 CONFIGS = {
@@ -57,7 +59,7 @@ CONFIGS = {
 def corpus_words() -> list[str]:
     """Words from the project's sample data and troubleshooting guide (questions, SQL, chats, advice)."""
     texts = []
-    for path in sorted((ROOT / "assets").rglob("*.jsonl")) + [ROOT / "qlora_studio" / "guide.md"]:
+    for path in sorted((resource_dir() / "assets").rglob("*.jsonl")) + [ROOT / "qlora_studio" / "guide.md"]:
         texts.append(path.read_text(encoding="utf-8"))
     words = re.findall(r"\S+", re.sub(r'[{}"\[\]]|\\n', " ", "\n".join(texts)))
     return [w for w in words if len(w) < 30]

@@ -16,15 +16,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qlora_studio.home import resource_dir  # noqa: E402
 from qlora_studio.manager import RunManager  # noqa: E402
-from qlora_studio.presets import PROJECT_DIR  # noqa: E402
 from qlora_studio.config import TrainConfig  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="embedded")
-    p.add_argument("--data", default=str(PROJECT_DIR / "assets" / "sql" / "train.jsonl"))
+    p.add_argument("--data", default=str(resource_dir() / "assets" / "sql" / "train.jsonl"))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)

@@ -1,4 +1,4 @@
-"""Evaluation for the text-to-SQL sample task (``assets/sql``).
+"""Evaluation for the text-to-SQL sample task (``assets/sql`` in the package's resources).
 
 Two scores for a list of model replies against gold SQL:
 
@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .home import resource_dir
+
 DEFAULT_TIMEOUT_S = 2.0    # wall-clock limit for one query
 MAX_ROWS = 100_000         # a prediction returning more rows than this does not match
 FLOAT_DIGITS = 4           # floats are compared after rounding to this many decimals
@@ -39,8 +41,8 @@ FLOAT_DIGITS = 4           # floats are compared after rounding to this many dec
 
 
 def sample_sql_dir() -> Path:
-    """The folder of the sample task: the repository's ``assets/sql``."""
-    return Path(__file__).resolve().parent.parent / "assets" / "sql"
+    """The folder of the sample task: ``assets/sql`` in the package's resources."""
+    return resource_dir() / "assets" / "sql"
 
 
 def warehouse_db_path() -> Path:

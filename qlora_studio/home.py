@@ -1,9 +1,16 @@
-"""Where the studio keeps its files: runs, converted models, per-machine calibration."""
+"""Where the studio's files are: the ones it ships (presets, sample data) and the ones it keeps (runs,
+converted models, per-machine calibration)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+def resource_dir() -> Path:
+    """The files shipped inside the package (read-only): ``presets/*.yaml`` and the sample data in
+    ``assets/`` (``assets/sql``: the text-to-SQL task; ``assets/chat``: kitchen-assistant chats)."""
+    return Path(__file__).resolve().parent / "resources"
 
 
 def studio_home() -> Path:

@@ -1,8 +1,9 @@
 """Presets and config files: YAML (or JSON) files of `TrainConfig` settings.
 
-A preset in ``presets/NAME.yaml`` has a ``description`` and a ``settings`` mapping; a config file is
-either the same shape or a bare mapping of settings. Relative data paths in a preset are relative to
-the project folder (so the shipped samples work from anywhere); in a config file, to the file.
+A preset in ``resources/presets/NAME.yaml`` (shipped in the package) has a ``description`` and a
+``settings`` mapping; a config file is either the same shape or a bare mapping of settings. Relative
+data paths in a preset are relative to the package's resources folder (``data: assets/sql/train.jsonl``
+is a shipped sample, found wherever the package is installed); in a config file, to the file.
 Errors name the file, the line and the setting.
 """
 
@@ -15,9 +16,10 @@ import yaml
 
 from .config import TrainConfig
 from .errors import ConfigError
+from .home import resource_dir
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-PRESETS_DIR = PROJECT_DIR / "presets"
+RESOURCE_DIR = resource_dir()  # a preset's relative data paths start here
+PRESETS_DIR = RESOURCE_DIR / "presets"
 _PATH_FIELDS = ("data", "test_data")
 
 
@@ -87,7 +89,7 @@ def list_presets() -> list[Preset]:
     out = []
     for p in sorted(PRESETS_DIR.glob("*.yaml")):
         try:
-            settings, desc, _ = read_settings_file(p, base_dir=PROJECT_DIR)
+            settings, desc, _ = read_settings_file(p, base_dir=RESOURCE_DIR)
         except ConfigError:
             continue
         out.append(Preset(p.stem, desc, settings, p))
@@ -99,7 +101,7 @@ def load_preset(name: str, overrides: dict | None = None) -> TrainConfig:
     if "/" in name or "\\" in name or not path.is_file():
         known = ", ".join(p.stem for p in sorted(PRESETS_DIR.glob("*.yaml")))
         raise ConfigError(f"no preset named {name!r}; presets: {known}")
-    settings, _, lines = read_settings_file(path, base_dir=PROJECT_DIR)
+    settings, _, lines = read_settings_file(path, base_dir=RESOURCE_DIR)
     return build_config(settings, path, lines, overrides)
 
 

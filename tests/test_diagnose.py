@@ -414,9 +414,9 @@ def test_plateau_from_a_near_zero_learning_rate_and_the_fix_verb(studio_home, ti
 
 def test_healthy_embedded_run_raises_no_alarm(studio_home, tmp_path):
     """SmolLM2-135M (4-bit NF4) on 60 rows of the SQL sample task: a real, healthy fine-tune."""
-    from qlora_studio.presets import PROJECT_DIR
+    from qlora_studio.home import resource_dir
 
-    rows = (PROJECT_DIR / "assets" / "sql" / "train.jsonl").read_text().splitlines()[:60]
+    rows = (resource_dir() / "assets" / "sql" / "train.jsonl").read_text().splitlines()[:60]
     data = tmp_path / "sql60.jsonl"
     data.write_text("\n".join(rows) + "\n")
     run, status = _train(model="embedded", data=str(data), max_steps=10, batch_size=2, learning_rate=1e-3,

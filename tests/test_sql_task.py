@@ -1,4 +1,4 @@
-"""The text-to-SQL sample task (assets/sql) and its evaluation (qlora_studio.evaluate)."""
+"""The text-to-SQL sample task (qlora_studio/resources/assets/sql) and its evaluation (qlora_studio.evaluate)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from qlora_studio.evaluate import (
     warehouse_db_path,
 )
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "assets" / "sql"
+SQL_DIR = Path(__file__).resolve().parent.parent / "qlora_studio" / "resources" / "assets" / "sql"
 DB = SQL_DIR / "warehouse.sqlite"
 
 

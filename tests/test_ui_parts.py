@@ -437,7 +437,7 @@ def test_gpu_presets_are_valid_and_fit_their_card(name, card_gb):
 def test_the_chat_sample_is_usable_chat_data():
     from qlora_studio.data import load_examples
 
-    examples, report = load_examples(ROOT / "assets" / "chat" / "train.jsonl")
+    examples, report = load_examples(ROOT / "qlora_studio" / "resources" / "assets" / "chat" / "train.jsonl")
     assert report.format == "chat" and report.usable == report.rows >= 200 and not report.warnings
 
 

@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 from ..errors import StudioError
-from ..home import runs_dir, studio_home
-from ..presets import PROJECT_DIR
+from ..home import resource_dir, runs_dir, studio_home
 
 log = logging.getLogger("qlora_studio.ui")
 
@@ -30,10 +29,10 @@ log = logging.getLogger("qlora_studio.ui")
 MAX_UPLOAD_MB = int(os.environ.get("QLORA_STUDIO_MAX_UPLOAD_MB", "200"))
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
-# The shipped samples, by label.
+# The shipped samples (in the package's resources folder), by label.
 SAMPLES = {
-    "SQL questions over the sample warehouse (assets/sql/train.jsonl)": PROJECT_DIR / "assets" / "sql" / "train.jsonl",
-    "Kitchen-assistant chats (assets/chat/train.jsonl)": PROJECT_DIR / "assets" / "chat" / "train.jsonl",
+    "SQL questions over the sample warehouse (assets/sql/train.jsonl)": resource_dir() / "assets" / "sql" / "train.jsonl",
+    "Kitchen-assistant chats (assets/chat/train.jsonl)": resource_dir() / "assets" / "chat" / "train.jsonl",
 }
 # Plotly's "plotly_white" look, only the parts our figures use: the full template is 7 KB of JSON (this one 0.7 KB) in
 # every figure, sent and parsed again at each redraw of the live curves.
@@ -164,19 +163,20 @@ def fmt_num(x, digits: int = 4) -> str:
 
 
 def display_path(path: str | Path | None) -> str:
-    """A shipped file relative to the project, anything else as given."""
+    """A shipped file relative to the resources folder (``assets/sql/train.jsonl``), anything else as given."""
     if not path:
         return ""
     p = Path(path)
     try:
-        return str(p.resolve().relative_to(PROJECT_DIR))
+        return p.resolve().relative_to(resource_dir()).as_posix()
     except (ValueError, OSError):
         return str(path)
 
 
 def resolve_data_path(text: str) -> Path:
-    """A data file the user named: a shipped sample's label, a path relative to the project, or a
-    local path. Raises ValueError with what is wrong."""
+    """A data file the user named: a shipped sample's label, a path relative to the resources folder
+    (``assets/sql/train.jsonl``, as `display_path` shows it), a path relative to the working folder,
+    or an absolute path. Raises ValueError with what is wrong."""
     text = (text or "").strip()
     if not text:
         raise ValueError("data: no training data chosen (pick a sample or upload a file on the Data tab)")
@@ -184,7 +184,8 @@ def resolve_data_path(text: str) -> Path:
         return SAMPLES[text]
     p = Path(text).expanduser()
     if not p.is_absolute():
-        p = PROJECT_DIR / p
+        shipped = resource_dir() / p
+        p = shipped if shipped.is_file() else Path.cwd() / p
     if not p.is_file():
         raise ValueError(f"data: {text}: no such file")
     if p.suffix.lower() not in DATA_SUFFIXES:

@@ -1,8 +1,9 @@
-"""Generate the small chat sample (assets/chat/train.jsonl): a kitchen assistant, "Pantry".
+"""Generate the small chat sample (train.jsonl next to this script, in qlora_studio/resources/assets/chat):
+a kitchen assistant, "Pantry".
 
 Deterministic (seeded) and self-checking: every answer is computed, so the data is correct and its
 style is consistent, which is what a few hundred rows of fine-tuning can teach a small model. Run
-``python assets/chat/generate.py`` to rebuild the file.
+``python qlora_studio/resources/assets/chat/generate.py`` (from the repository root) to rebuild the file.
 """
 
 from __future__ import annotations
