@@ -122,7 +122,7 @@ def build_plan(args, keys=None, ready=(), tokenizer_ready: bool = False) -> dict
     if "fp16" in keys:
         first = prep(small)
         s = first + load_s(small) + COST["run_fixed_s"] + args.fp16_steps * step_s(small, 4 * 256)
-        add("fp16", [{"label": f"{small} nf4 with fp16 compute forced (device_plan), batch 4 x 512, "
+        add("fp16", [{"label": f"{small} nf4 with fp16 compute forced (its plan), batch 4 x 512, "
                                f"{args.fp16_steps} steps", "estimate_s": round(s, 1)}], s)
     if "kernels" in keys:
         first = prep(args.tp_model)

@@ -196,14 +196,14 @@ BY_NAME = {s.name: s for s in SETTINGS}
 
 def _number(s: Setting, value, source: str, whole: bool):
     if isinstance(value, bool):
-        raise ConfigError.at(source, s.name, f"expected a {'whole number' if whole else 'number'}, got {value!r}")
+        raise ConfigError.at(source, s.name, f"must be {'a whole number' if whole else 'a number'}, got {value!r}")
     if isinstance(value, str):  # YAML reads 2e-4 as text; a form or a flag gives text
         try:
             value = float(value.strip())
         except ValueError:
-            raise ConfigError.at(source, s.name, f"expected a number, got {value!r}") from None
+            raise ConfigError.at(source, s.name, f"must be {'a whole number' if whole else 'a number'}, got {value!r}") from None
     if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
-        raise ConfigError.at(source, s.name, f"expected a {'whole number' if whole else 'number'}, got {value!r}")
+        raise ConfigError.at(source, s.name, f"must be {'a whole number' if whole else 'a number'}, got {value!r}")
     if whole:
         if float(value) != int(value):
             raise ConfigError.at(source, s.name, f"must be a whole number, got {value!r}")

@@ -37,9 +37,9 @@ def test_merged_model_matches_base_plus_adapter(trained_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(trained_run.config()["model_path"], dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(trained_run.plan()["model"]["path"], dtype=torch.float32)
     unmerged = PeftModel.from_pretrained(base, str(trained_run.adapter)).eval()
-    tok = load_chat_model(trained_run.config()["model_path"])[1]
+    tok = load_chat_model(trained_run.plan()["model"]["path"])[1]
     want = _last_logits(unmerged, tok)
     want_text = generate_batch(unmerged, tok, PROMPTS, max_new_tokens=24)
 

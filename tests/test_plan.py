@@ -41,7 +41,7 @@ def test_values_are_coerced_and_checked_by_their_declaration():
     bad = [({"rank": 2.5}, "rank: must be a whole number"), ({"rank": 0}, "rank: must be >= 1"),
            ({"learning_rate": 1.5}, "learning_rate: must be > 0 and < 1"), ({"quant": "int3"}, "quant: 'int3' is not one"),
            ({"batch_size": None}, "batch_size: needs a value"), ({"double_quant": "maybe"}, "double_quant: must be true"),
-           ({"epochs": float("nan")}, "epochs: expected a number"), ({"eval_fraction": 1}, "eval_fraction: must be"),
+           ({"epochs": float("nan")}, "epochs: must be a number"), ({"eval_fraction": 1}, "eval_fraction: must be"),
            ({"colour": "red"}, "colour: unknown setting")]
     for change, message in bad:
         with pytest.raises(ConfigError, match=message) as e:
