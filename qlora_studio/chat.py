@@ -27,7 +27,8 @@ def _device_and_dtype():
     from .plan import Machine, precision_for, torch_dtype
 
     machine = Machine.detect()
-    return machine.device, torch_dtype(precision_for(machine.device, machine.compute_capability, training=False))
+    return machine.device, torch_dtype(precision_for(machine.device, machine.compute_capability, training=False,
+                                                     cpu_bf16=machine.cpu_bf16))
 
 
 def _base_path(run: RunFolder) -> Path:

@@ -193,6 +193,21 @@ def ram_bytes() -> tuple[int | None, int | None]:
     return total, available
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo's flags).
+    Without it, torch emulates bf16 matmuls: measured here on an AVX2-only EPYC, one training step of
+    the embedded model in NF4 under bf16 autocast took 74 s, in fp32 5 s."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def cpu_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

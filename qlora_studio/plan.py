@@ -35,18 +35,21 @@ TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # ------------------------------------------------------------------ precision
 
 
-def precision_for(device: str, compute_capability: tuple[int, int] | None = None, training: bool = True) -> str:
+def precision_for(device: str, compute_capability: tuple[int, int] | None = None, training: bool = True,
+                  cpu_bf16: bool = False) -> str:
     """The compute dtype ("bf16" | "fp16" | "fp32") for a device.
 
     - CUDA: bf16 on compute capability >= 8.0 (Ampere and newer); fp16 (with loss scaling) on Volta and
       Turing (7.x) and on the P100 (6.0); fp32 on consumer Pascal (6.1, 6.2), whose fp16 math runs at a
       small fraction of its fp32 speed. ``torch.cuda.is_bf16_supported()`` is not asked: it answers True
       on Turing, where bf16 is only emulated.
-    - CPU: training runs under bf16 autocast (measured faster than fp32 with the 4-bit base); inference
-      (``training=False``: chat, evaluation, merging) in fp32, the CPU's fast and exact path.
+    - CPU: training runs under bf16 autocast where the CPU computes bf16 natively (``cpu_bf16``:
+      AVX512-BF16 or AMX, `hardware.cpu_has_bf16`; measured faster than fp32 with the 4-bit base there),
+      in fp32 elsewhere (an AVX2-only CPU emulates bf16: one step took 74 s instead of 5 s in fp32);
+      inference (``training=False``: chat, evaluation, merging) in fp32, the CPU's fast and exact path.
     """
     if device == "cpu":
-        return "bf16" if training else "fp32"
+        return "bf16" if training and cpu_bf16 else "fp32"
     if compute_capability is None:
         return "fp32"
     cc = tuple(compute_capability)
@@ -76,6 +79,7 @@ class Machine:
     gpu_total_bytes: int | None = None
     gpu_free_bytes: int | None = None
     ram_available_bytes: int | None = None
+    cpu_bf16: bool = False  # the CPU computes bf16 natively (AVX512-BF16 / AMX)
     here: bool = True  # this machine (False: a card planned for, e.g. from the Hardware tab)
 
     @property
@@ -91,7 +95,7 @@ class Machine:
         choice (None: the GPU if there is one)."""
         import torch
 
-        from .hardware import ram_bytes
+        from .hardware import cpu_has_bf16, ram_bytes
 
         _, available = ram_bytes()
         has_cuda = torch.cuda.is_available()
@@ -99,7 +103,7 @@ class Machine:
             raise ConfigError("device: cuda was asked for, but torch sees no CUDA GPU (is a CUDA build of torch "
                               "installed?)", field="device", why="no CUDA GPU visible to torch")
         if not has_cuda or device == "cpu":
-            return cls("cpu", ram_available_bytes=available)
+            return cls("cpu", ram_available_bytes=available, cpu_bf16=cpu_has_bf16())
         free, total = torch.cuda.mem_get_info(0)
         return cls("cuda", torch.cuda.get_device_name(0), tuple(torch.cuda.get_device_capability(0)), total, free,
                    available)
@@ -289,7 +293,7 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
     device = machine.device
     if config.device is None:
         reasons["device"] = "the CUDA GPU" if device == "cuda" else "no CUDA GPU: training runs on the CPU"
-    precision = precision_for(device, machine.compute_capability)
+    precision = precision_for(device, machine.compute_capability, cpu_bf16=machine.cpu_bf16)
     reasons["precision"] = _precision_reason(device, machine.compute_capability, precision)
 
     if architecture is not None:
@@ -335,7 +339,8 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
 
 def _precision_reason(device: str, cc, precision: str) -> str:
     if device == "cpu":
-        return "bf16 autocast on the CPU"
+        return ("bf16 autocast: this CPU computes bf16 natively" if precision == "bf16" else
+                "fp32: this CPU has no native bf16 (no AVX512-BF16 or AMX), where bf16 autocast is many times slower")
     cc_text = ".".join(map(str, cc)) if cc else "unknown"
     return {"bf16": f"compute capability {cc_text} has native bf16",
             "fp16": f"compute capability {cc_text} has no native bf16: fp16 with loss scaling",

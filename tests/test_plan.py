@@ -67,12 +67,21 @@ def test_command_line_flags_come_from_the_schema():
 # ------------------------------------------------------------------ precision
 
 
-@pytest.mark.parametrize("device, cc, training, expected", [
-    ("cpu", None, True, "bf16"), ("cpu", None, False, "fp32"),
-    ("cuda", (6, 1), True, "fp32"), ("cuda", (6, 0), True, "fp16"), ("cuda", (7, 5), True, "fp16"),
-    ("cuda", (8, 0), True, "bf16"), ("cuda", (8, 9), True, "bf16"), ("cuda", (9, 0), False, "bf16")])
-def test_one_precision_rule(device, cc, training, expected):
-    assert precision_for(device, cc, training=training) == expected
+@pytest.mark.parametrize("device, cc, training, cpu_bf16, expected", [
+    ("cpu", None, True, True, "bf16"), ("cpu", None, True, False, "fp32"), ("cpu", None, False, True, "fp32"),
+    ("cuda", (6, 1), True, False, "fp32"), ("cuda", (6, 0), True, False, "fp16"), ("cuda", (7, 5), True, True, "fp16"),
+    ("cuda", (8, 0), True, False, "bf16"), ("cuda", (8, 9), True, False, "bf16"), ("cuda", (9, 0), False, False, "bf16")])
+def test_one_precision_rule(device, cc, training, cpu_bf16, expected):
+    assert precision_for(device, cc, training=training, cpu_bf16=cpu_bf16) == expected
+
+
+def test_this_machine_is_planned_with_its_own_cpu_precision():
+    from qlora_studio.hardware import cpu_has_bf16
+
+    machine = Machine.detect("cpu")
+    assert machine.cpu_bf16 == cpu_has_bf16()
+    plan = plan_for(TrainConfig(data="x", device="cpu"), machine)
+    assert plan.precision == ("bf16" if machine.cpu_bf16 else "fp32") and "CPU" in plan.reasons["precision"]
 
 
 @pytest.mark.parametrize("card, precision", [("GTX 1080", "fp32"), ("T4", "fp16"), ("A100", "bf16"), ("RTX 4090", "bf16")])
@@ -92,9 +101,13 @@ def test_the_plan_the_card_and_the_estimator_agree_on_precision(card, precision)
 
 
 def test_a_cpu_plan():
-    plan = plan_run(TrainConfig(data="x"), Machine("cpu", ram_available_bytes=16 * GiB), load_architecture("SmolLM2-135M"))
+    plan = plan_run(TrainConfig(data="x"), Machine("cpu", ram_available_bytes=16 * GiB, cpu_bf16=True),
+                    load_architecture("SmolLM2-135M"))
     assert (plan.device, plan.precision, plan.optimizer, plan.attention, plan.batching) == \
         ("cpu", "bf16", "adamw_torch", "eager", "packed")
+    avx2 = plan_run(TrainConfig(data="x"), Machine("cpu", ram_available_bytes=16 * GiB), load_architecture("SmolLM2-135M"))
+    assert avx2.precision == "fp32" and "no native bf16" in avx2.reasons["precision"]
+    assert avx2.memory["estimate_bytes"] > plan.memory["estimate_bytes"]  # fp32 activations are twice as big
     assert plan.targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert plan.rank == 16 and plan.alpha == 32 and "under 3B" in plan.reasons["lora"]
     assert plan.gradient_checkpointing is False  # fits in half the RAM without it
@@ -149,7 +162,7 @@ def test_plan_and_dry_run_print_the_plan_and_train_nothing(tmp_path):
     out = _cli("plan", "--preset", "cpu-demo", "--json", home=tmp_path)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert doc["settings"]["rank"] == 16 and doc["plan"]["device"] == "cpu" and doc["plan"]["precision"] == "bf16"
+    assert doc["settings"]["rank"] == 16 and doc["plan"]["device"] == "cpu" and doc["plan"]["precision"] in ("bf16", "fp32")
     text = _cli("train", "--preset", "cpu-demo", "--dry-run", "--rank", "8", "--gradient-checkpointing", home=tmp_path)
     assert text.returncode == 0, text.stderr
     assert "LoRA: r=8, alpha=16" in text.stdout and "gradient checkpointing: on" in text.stdout
