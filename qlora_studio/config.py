@@ -33,6 +33,7 @@ class Setting:
     choices: tuple = ()
     auto: bool = False  # None is allowed and means: the planner decides
     auto_help: str = ""  # what "automatic" resolves to, for the form and --help
+    auto_label: str = AUTO  # the word a form or a flag uses for "automatic" ("none" for the task)
     minimum: float | None = None
     maximum: float | None = None
     above: bool = False  # the minimum itself is not allowed (value > minimum)
@@ -70,7 +71,7 @@ class TrainConfig:
                          group="model", choices=("embedded",), custom=True)
     data: str = setting("", "training data file (.jsonl .json .csv .parquet)", "str", group="model")
     task: str | None = setting(None, "the task, for task evaluation and the automatic LoRA choice (e.g. sql)",
-                               "choice", choices=("sql",), auto=True, auto_help="none", custom=True, group="model")
+                               "choice", choices=("sql",), auto=True, auto_help="none", auto_label="none", custom=True, group="model")
     test_data: str | None = setting(None, "held-out file for task evaluation (not trained on)", "str", auto=True,
                                     group="internal")
     data_format: str | None = setting(None, "the data's format", "choice", auto=True, auto_help="detected",
@@ -221,7 +222,7 @@ def _number(s: Setting, value, source: str, whole: bool):
 
 def coerce(s: Setting, value, source: str = "config"):
     """``value`` as setting ``s`` stores it (None: automatic, where allowed); raises `ConfigError`."""
-    if isinstance(value, str) and s.auto and value.strip().lower() in ("", AUTO, s.auto_help.lower()):
+    if isinstance(value, str) and s.auto and value.strip().lower() in ("", AUTO, s.auto_label):
         value = None
     if value is None:
         if s.auto:

@@ -43,15 +43,11 @@ FORM_GROUPS = ("model", "lora", "schedule", "batch", "speed")
 FORM_SETTINGS = [s for s in SETTINGS if s.group in FORM_GROUPS and s.name != "data"]
 
 
-def _auto_label(s) -> str:
-    return "none" if s.name == "task" else AUTO
-
-
 def form_value(s, value):
     """A setting's value as its form component shows it (None, automatic, as its auto label; a number
     box cannot be empty, so 0 stands for automatic there)."""
     if value is None:
-        return 0 if s.kind in ("int", "float") else _auto_label(s)
+        return 0 if s.kind in ("int", "float") else s.auto_label
     if s.kind == "bool" and s.auto:
         return "on" if value else "off"
     if s.kind == "targets" and isinstance(value, list):
@@ -358,7 +354,7 @@ def _component(s, value):
                            elem_id=elem_id, info=info)
     if s.choices and not s.auto and not s.custom:
         return gr.Radio(label=s.label, choices=list(s.choices), value=value, elem_id=elem_id, info=info)
-    choices = ([_auto_label(s)] if s.auto else []) + list(s.choices)
+    choices = ([s.auto_label] if s.auto else []) + list(s.choices)
     return gr.Dropdown(label=s.label, choices=choices, value=value, elem_id=elem_id, info=info,
                        allow_custom_value=s.custom or s.kind == "targets")
 
