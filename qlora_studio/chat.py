@@ -8,12 +8,14 @@ temporary folder and renamed so an interrupted merge leaves nothing half-written
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .compat import import_training_stack
 from .errors import StudioError
 from .runs import RunFolder, resolve_run
 
@@ -48,6 +50,7 @@ def merge_run(run: str | Path | RunFolder, progress: Callable[[float, str], None
     The merge is computed in fp32 and saved in the base's own 16-bit dtype (``dtype`` overrides it,
     e.g. "float32" for a bit-exact copy of base + adapter at twice the size).
     """
+    import_training_stack()
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -82,6 +85,7 @@ def merge_run(run: str | Path | RunFolder, progress: Callable[[float, str], None
 
         load_tokenizer(run.adapter if (run.adapter / "tokenizer_config.json").is_file() else base_path).save_pretrained(tmp)
         (tmp / "studio_merged.json").write_text(json.dumps({"base": str(base_path), "dtype": str(save_dtype)}))
+        _readable_by_others(tmp)
         if run.merged.exists():
             shutil.rmtree(run.merged)
         tmp.rename(run.merged)
@@ -91,8 +95,18 @@ def merge_run(run: str | Path | RunFolder, progress: Callable[[float, str], None
     return run.merged
 
 
+def _readable_by_others(folder: Path) -> None:
+    """Give a folder made private by `tempfile.mkdtemp` (0700) the modes a plain mkdir/open would
+    have had under the user's umask, so that llama.cpp, Ollama or another user can read the model."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def load_chat_model(path: str | Path, adapter: str | Path | None = None):
     """Model and tokenizer for generation, in eval mode; optionally with an unmerged adapter."""
+    import_training_stack()
     from transformers import AutoModelForCausalLM
 
     from .loading import load_tokenizer

@@ -51,15 +51,40 @@ def _print_plan(cfg, as_json: bool) -> None:
 
 
 def _wait_for(manager, run) -> dict:
-    """Wait for the manager's run in the foreground; Ctrl-C asks it to stop and save."""
+    """Wait for the manager's run in the foreground. Ctrl-C (SIGINT) or SIGTERM asks it to stop at the
+    end of its step and save a checkpoint and the adapter; a second Ctrl-C abandons it (the run is then
+    left "interrupted", resumable from its last checkpoint).
+
+    The signals are handled by a handler that only sets the run's stop flag: a KeyboardInterrupt
+    raised inside `Thread.join` would leave the thread marked as ended (Python 3.11), so the process
+    would exit and kill the training thread before it saved anything.
+    """
+    import signal
+    import threading
+
+    received: list[int] = []
+
+    def on_signal(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print("\nstopping: saving a checkpoint and the adapter (Ctrl-C again to abandon)", file=sys.stderr, flush=True)
+        manager.stop()
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, on_signal) for s in handled}
     try:
         while manager.active() is not None:
             manager.wait(0.5)
-    except KeyboardInterrupt:
-        print("\nstopping: saving a checkpoint and the adapter (Ctrl-C again to abandon)", file=sys.stderr, flush=True)
-        manager.stop()
-        manager.wait()
-    return manager.last_status or run.status(set())
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    status = manager.last_status or run.status(set())
+    if received and status.get("state") == "stopped":
+        status = dict(status, signal=received[0])
+    return status
 
 
 def _finish_run(run, status: dict) -> int:
@@ -67,7 +92,9 @@ def _finish_run(run, status: dict) -> int:
     if state == "failed":
         print(f"run failed: {status.get('error')}", file=sys.stderr)
     print(run.path)
-    return 0 if state == "completed" else (130 if state == "stopped" else 1)
+    if state == "stopped":
+        return 128 + status.get("signal", 2)  # 130 after Ctrl-C, 143 after SIGTERM
+    return 0 if state == "completed" else 1
 
 
 def cmd_train(args) -> int:
@@ -78,7 +105,7 @@ def cmd_train(args) -> int:
         _print_plan(cfg, args.json)
         return 0
     manager = get_manager()
-    run = manager.start(cfg, echo=True)
+    run = manager.start(cfg, echo=True, allow_parallel=args.allow_parallel)
     print(f"run folder: {run.path}", flush=True)
     return _finish_run(run, _wait_for(manager, run))
 
@@ -93,7 +120,7 @@ def cmd_resume(args) -> int:
     from .manager import get_manager
 
     manager = get_manager()
-    run = manager.resume(args.run, echo=True)
+    run = manager.resume(args.run, echo=True, allow_parallel=args.allow_parallel)
     return _finish_run(run, _wait_for(manager, run))
 
 
@@ -244,6 +271,12 @@ def _settings_parser(sub, name: str, help_text: str):
     return t
 
 
+def _parallel_flag(parser) -> None:
+    parser.add_argument("--allow-parallel", action="store_true",
+                        help="train even while another process trains on the same device (each slower; "
+                             "together they may not fit in memory)")
+
+
 def cmd_presets(args) -> int:
     from .presets import list_presets
 
@@ -255,6 +288,7 @@ def cmd_presets(args) -> int:
 def _add_run_verbs(sub) -> None:
     t = _settings_parser(sub, "train", "train a QLoRA adapter (prints the run folder last)")
     t.add_argument("--dry-run", action="store_true", help="print the plan and exit without training")
+    _parallel_flag(t)
     t.set_defaults(func=cmd_train)
     p = _settings_parser(sub, "plan", "how a run would train here: every decision and why, and its memory")
     p.set_defaults(func=cmd_plan)
@@ -276,6 +310,7 @@ def _add_run_verbs(sub) -> None:
 
     rs = sub.add_parser("resume", help="resume an interrupted or stopped run from its last checkpoint")
     rs.add_argument("run")
+    _parallel_flag(rs)
     rs.set_defaults(func=cmd_resume)
 
     m = sub.add_parser("merge", help="merge a run's adapter into a 16-bit copy of its base")

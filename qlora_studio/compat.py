@@ -34,3 +34,43 @@ def keep_4bit_weights_trainable(model) -> int:
             restored += 1
     return restored
 
+
+
+# ------------------------------------------------------------------ transformers/peft: imports from threads
+#
+# Upstream behaviour (transformers 5.x lazy `_LazyModule`, with peft 0.21 and torch 2.13): importing the
+# stack from two threads at once -- the app's Data tab loading a tokenizer while a run starts importing
+# peft -- fails one of them with "cannot import name 'AutoModel' from 'transformers'" (a module seen
+# half-initialised by the other thread; reproduced 2 of 3 times with transformers 5.24 / peft 0.21.2).
+# Every path that needs the stack calls `import_training_stack` first: the first caller imports all of it
+# under a lock, the others wait for it, and after that every name below resolves without importing.
+# Not version-gated: importing early is harmless where the race has been fixed.
+
+import threading as _threading
+
+_stack_lock = _threading.Lock()
+_stack_ready = False
+
+
+def import_training_stack() -> None:
+    """Import torch, transformers, peft, accelerate and datasets completely, once, under a lock."""
+    global _stack_ready
+    if _stack_ready:
+        return
+    with _stack_lock:
+        if _stack_ready:
+            return
+        import importlib
+
+        for module in ("torch", "accelerate", "datasets"):
+            importlib.import_module(module)
+        import peft
+        import transformers
+
+        for name in ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoTokenizer", "BitsAndBytesConfig",
+                     "DataCollatorForSeq2Seq", "PrinterCallback", "TextIteratorStreamer", "Trainer",
+                     "TrainerCallback", "TrainingArguments", "set_seed"):
+            getattr(transformers, name)
+        for name in ("LoraConfig", "PeftModel", "get_peft_model", "set_peft_model_state_dict"):
+            getattr(peft, name)
+        _stack_ready = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .compat import import_training_stack
 from .plan import torch_dtype
 
 # Leaf names of output heads, which LoRA never adapts.
@@ -20,6 +21,7 @@ def load_base_model(path: str | Path, quant: str, precision: str, device: str, d
                     trust_remote_code: bool = False, attention: str | None = None):
     """The base model: 4-bit (NF4/FP4, double quant) or 16-bit, on the chosen device.
     ``precision``: "bf16" | "fp16" | "fp32" (see `plan.precision_for`)."""
+    import_training_stack()
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch_dtype(precision)
@@ -43,6 +45,7 @@ def load_plan_model(path: str | Path, plan, trust_remote_code: bool = False):
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    import_training_stack()
     from transformers import AutoTokenizer
 
     from .data import ensure_chat_template

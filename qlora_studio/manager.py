@@ -1,8 +1,9 @@
 """The run manager: owns the one training run of this process, in a background thread.
 
-Only one run trains at a time (one GPU); a second start is refused with `RunBusy`. State lives in
-the run folders, not here: the manager only knows which run its thread is working on, so any
-number of pages or CLI calls can watch the same run by reading its folder.
+Only one run trains at a time in a process, and (see `ownership`) one per device across processes
+unless ``allow_parallel``; a run folder is trained by one process only. A refused start or resume
+raises `RunBusy`. State lives in the run folders, not here: the manager only knows which run its
+thread is working on, so any number of pages or CLI calls can watch the same run by reading its folder.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 from pathlib import Path
 
 from .errors import StudioError
+from .ownership import Lock, describe, device_lock, run_lock
 from .runs import RunFolder, list_runs, resolve_run
 from .config import TrainConfig
 from .recovery import prepare_fix_run
@@ -19,7 +21,7 @@ from .training import prepare_run, run_training
 
 
 class RunBusy(StudioError):
-    """A run is already training in this process."""
+    """A run is already training (in this process, or on the device, or in this folder elsewhere)."""
 
 
 class RunManager:
@@ -48,37 +50,61 @@ class RunManager:
         return run.status(self.live_pids() if self.active() and self.active().path == run.path else set())
 
     # -- actions
-    def start(self, cfg: TrainConfig, echo: bool = False, plan=None) -> RunFolder:
-        """Start a run of ``cfg`` (with ``plan``, a `RunPlan` already shown to the user, or a new one)."""
+    def start(self, cfg: TrainConfig, echo: bool = False, plan=None, allow_parallel: bool = False) -> RunFolder:
+        """Start a run of ``cfg`` (with ``plan``, a `RunPlan` already shown to the user, or a new one).
+        ``allow_parallel``: train even while another process trains on the same device."""
+        from .plan import plan_for
+
         cfg.validate()
         with self._lock:
             self._refuse_if_busy()
-            run = prepare_run(cfg, plan=plan)
-            self._launch(run, resume=False, echo=echo)
+            plan = plan or plan_for(cfg)
+            device = self._take_device(plan.device, allow_parallel, cfg.name or "a new run")
+            try:
+                run = prepare_run(cfg, plan=plan)
+                owner = self._take_run(run)
+            except BaseException:
+                device.release()
+                raise
+            self._launch(run, resume=False, echo=echo, locks=(owner, device))
             return run
 
-    def resume(self, run: str | Path, echo: bool = False) -> RunFolder:
+    def resume(self, run: str | Path, echo: bool = False, allow_parallel: bool = False) -> RunFolder:
         folder = RunFolder(resolve_run(run))
         with self._lock:
             self._refuse_if_busy()
-            state = folder.status(set()).get("state")
-            if state in ("completed",):
-                raise RunBusy(f"{folder.name} already completed; start a new run to train more")
-            if folder.last_checkpoint() is None:
-                raise RunBusy(f"{folder.name} has no checkpoint to resume from")
+            owner = self._take_run(folder)
+            try:
+                state = folder.status(set()).get("state")
+                if state in ("completed",):
+                    raise RunBusy(f"{folder.name} already completed; start a new run to train more")
+                if folder.last_checkpoint() is None:
+                    raise RunBusy(f"{folder.name} has no checkpoint to resume from")
+                device = self._take_device((folder.plan().get("plan") or {}).get("device", "cpu"), allow_parallel, folder.name)
+            except BaseException:
+                owner.release()
+                raise
             folder.set_status("running", phase="resuming")
-            self._launch(folder, resume=True, echo=echo)
+            self._launch(folder, resume=True, echo=echo, locks=(owner, device))
             return folder
 
-    def apply_fix(self, run: str | Path | RunFolder, fix, reason: str = "", echo: bool = False) -> RunFolder:
+    def apply_fix(self, run: str | Path | RunFolder, fix, reason: str = "", echo: bool = False,
+                  allow_parallel: bool = False) -> RunFolder:
         """"Apply and restart": a new run folder with the fix's changed settings, started from the
         old run's last good checkpoint (see `prepare_fix_run`), training in the background.
         ``fix``: a `diagnose.Fix` or its dict; ``reason``: why (the finding's message)."""
         folder = run if isinstance(run, RunFolder) else RunFolder(resolve_run(run))
         with self._lock:
             self._refuse_if_busy()
-            child = prepare_fix_run(folder, fix, reason)
-            self._launch(child, resume=False, echo=echo)
+            device = self._take_device((folder.plan().get("plan") or {}).get("device", "cpu"), allow_parallel,
+                                       f"a fix of {folder.name}")
+            try:
+                child = prepare_fix_run(folder, fix, reason)
+                owner = self._take_run(child)
+            except BaseException:
+                device.release()
+                raise
+            self._launch(child, resume=False, echo=echo, locks=(owner, device))
             return child
 
     def stop(self) -> bool:
@@ -99,14 +125,43 @@ class RunManager:
         if self._thread is not None and self._thread.is_alive():
             raise RunBusy(f"a run is already training ({self._run.name}); stop it or wait for it to finish")
 
-    def _launch(self, run: RunFolder, resume: bool, echo: bool):
+    @staticmethod
+    def _take_run(run: RunFolder) -> Lock:
+        lock = run_lock(run.path)
+        holder = lock.acquire(run=run.name)
+        if holder is not None:
+            raise RunBusy(f"{run.name} is training in another process ({describe(holder)}); watch it in the Runs "
+                          "tab, or stop that process first", field="run")
+        return lock
+
+    @staticmethod
+    def _take_device(device: str, allow_parallel: bool, what: str) -> Lock:
+        lock = device_lock(device)
+        if allow_parallel:
+            return lock  # not taken: releasing it is a no-op
+        holder = lock.acquire(run=what)
+        if holder is not None:
+            raise RunBusy(f"{holder.get('run', 'a run')} is training on {device} in another process "
+                          f"({describe(holder)}); wait for it to finish or stop it",
+                          hint="to train both at once anyway (each slower, and together they may not fit in "
+                               "memory), pass --allow-parallel on the command line")
+        return lock
+
+    def _launch(self, run: RunFolder, resume: bool, echo: bool, locks: tuple[Lock, ...] = ()):
         self._stop = threading.Event()
         self._run = run
         self.last_status = None
         stop = self._stop
+        from .compat import import_training_stack
+
+        import_training_stack()  # here, before any other thread can import half of it
 
         def target():
-            self.last_status = run_training(run, stop, resume=resume, echo=echo)
+            try:
+                self.last_status = run_training(run, stop, resume=resume, echo=echo)
+            finally:
+                for lock in locks:
+                    lock.release()
 
         self._thread = threading.Thread(target=target, name=f"train-{run.name}", daemon=True)
         self._thread.start()

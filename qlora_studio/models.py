@@ -85,6 +85,9 @@ def import_gguf(gguf_path: str | os.PathLike, dest_root: Path | None = None) -> 
     if (dest / "config.json").is_file():
         return dest
 
+    from .compat import import_training_stack
+
+    import_training_stack()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 

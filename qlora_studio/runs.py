@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .errors import StudioError
 from .home import runs_dir
+from .ownership import RUN_LOCK, describe, run_owner
 
 STATES = ("running", "completed", "stopped", "failed", "interrupted")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -189,7 +190,9 @@ class RunFolder:
             same_host = status.get("host") in (None, socket.gethostname())
             if pid == os.getpid():
                 alive = live_pids is not None and pid in live_pids
-            else:
+            elif (self.path / RUN_LOCK).exists():  # the owner's lock: held exactly while it lives
+                alive = run_owner(self.path) is not None
+            else:  # a folder from before run locks
                 alive = _pid_alive(pid) if same_host else True
             if not alive:
                 status = dict(status, state="interrupted",
@@ -232,6 +235,10 @@ class RunFolder:
         return found[-1][1] if found else None
 
     def delete(self) -> None:
+        """Delete the folder; refused while a process trains it."""
+        owner = run_owner(self.path)
+        if owner is not None:
+            raise RunError(f"{self.name} is training ({describe(owner)}); stop it before deleting it")
         shutil.rmtree(self.path)
 
 

@@ -75,9 +75,11 @@ def run_training(run: RunFolder, stop_event: threading.Event | None = None, resu
     during training is retried (see `recovery.recover_from_oom`) up to ``oom_retries`` times.
     ``extra_callbacks``: more `TrainerCallback`s for the Trainer (tests inject faults with them).
     """
+    from .compat import import_training_stack
     from .recovery import is_oom, last_logged_step, recover_from_oom, release_memory
     from .trainer import run_log, train
 
+    import_training_stack()
     stop_event = stop_event or threading.Event()
     log = run_log(run, echo)
     recovered = 0

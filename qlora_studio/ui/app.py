@@ -123,6 +123,11 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, share: bool = Fals
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+    from ..compat import import_training_stack
+
+    # Import the training stack now, in one thread, so the first tab that needs it does not wait for
+    # it (and no two handlers ever import it at once; see `compat.import_training_stack`).
+    threading.Thread(target=import_training_stack, name="import-stack", daemon=True).start()
     demo = build_app()
     print(f"QLoRA Studio: http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}  (Ctrl-C stops it)",
           flush=True)
