@@ -1,6 +1,7 @@
 """Merge a trained adapter into the 16-bit base and talk to the result."""
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -50,6 +51,11 @@ def test_merged_model_matches_base_plus_adapter(trained_run):
     merged_path = merge_run(trained_run, force=True)
     assert "bfloat16" in (merged_path / "studio_merged.json").read_text()
     assert (merged_path / "model.safetensors").is_file() and (merged_path / "tokenizer_config.json").is_file()
+    # Readable by other tools and users as the umask allows (a temporary folder is made 0700 first).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(merged_path.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in merged_path.iterdir()} == {0o666 & ~umask}
     merged, _ = load_chat_model(merged_path)
     got = _last_logits(merged, tok)
     assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.999 and got.argmax() == want.argmax()
