@@ -12,6 +12,7 @@ import os
 import threading
 from pathlib import Path
 
+from .diskspace import DiskFull, check_before_save
 from .errors import StudioError
 from .ownership import Lock, describe, device_lock, run_lock
 from .runs import RunFolder, list_runs, resolve_run
@@ -80,6 +81,10 @@ class RunManager:
                     raise RunBusy(f"{folder.name} already completed; start a new run to train more")
                 if folder.last_checkpoint() is None:
                     raise RunBusy(f"{folder.name} has no checkpoint to resume from")
+                folder.remove_torn_checkpoints()
+                problem = check_before_save(folder.path, folder.plan().get("plan") or {}, folder.last_checkpoint())
+                if problem:
+                    raise DiskFull(f"cannot resume {folder.name}: {problem}", hint="free some space first")
                 device = self._take_device((folder.plan().get("plan") or {}).get("device", "cpu"), allow_parallel, folder.name)
             except BaseException:
                 owner.release()

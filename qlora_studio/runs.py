@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .diskspace import is_disk_full, release_reserve
 from .errors import StudioError
 from .home import runs_dir
 from .ownership import RUN_LOCK, describe, run_owner
@@ -175,7 +176,12 @@ class RunFolder:
             status["pid"] = os.getpid()
             status["host"] = socket.gethostname()
             status.pop("error", None)
-        atomic_write_json(self.path / "status.json", status)
+        try:
+            atomic_write_json(self.path / "status.json", status)
+        except OSError as e:  # a full disk: give up the folder's reserve so the status can still be written
+            if not (is_disk_full(e) and release_reserve(self.path)):
+                raise
+            atomic_write_json(self.path / "status.json", status)
         return status
 
     def status(self, live_pids: set[int] | None = None) -> dict:
@@ -225,9 +231,17 @@ class RunFolder:
         found = []
         for p in self.checkpoints_dir.iterdir():
             step = checkpoint_step(p)
-            if step is not None and p.is_dir() and (not complete or (p / "trainer_state.json").is_file()):
+            if step is not None and p.is_dir() and (not complete or _saved_whole(p)):
                 found.append((step, p))
         return sorted(found)
+
+    def remove_torn_checkpoints(self) -> list[str]:
+        """Delete checkpoint folders whose save never finished (a crash, a full disk); their names."""
+        whole = {p for _, p in self.checkpoints()}
+        torn = [p for _, p in self.checkpoints(complete=False) if p not in whole]
+        for p in torn:
+            shutil.rmtree(p, ignore_errors=True)
+        return [p.name for p in torn]
 
     def last_checkpoint(self) -> Path | None:
         """The newest complete checkpoint."""
@@ -240,6 +254,15 @@ class RunFolder:
         if owner is not None:
             raise RunError(f"{self.name} is training ({describe(owner)}); stop it before deleting it")
         shutil.rmtree(self.path)
+
+
+def _saved_whole(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint is whole when that file is there and
+    complete (a disk that filled up while writing it leaves it cut short)."""
+    try:
+        return isinstance(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def checkpoint_step(path: Path | str) -> int | None:

@@ -9,11 +9,13 @@ trains, and writes the adapter, summary.json and the final status.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from pathlib import Path
 
 from .config import TrainConfig
+from .diskspace import check_before_save
 from .errors import StudioError, TrainingError
 from .plan import Machine, RunPlan, plan_run
 from .runs import RunFolder, checkpoint_step, read_metrics_from
@@ -52,6 +54,7 @@ def callback_class():
             self.last_tokens = 0
             self.stopped = False
             self.nonfinite = None
+            self.disk_full = None  # why a save was refused for lack of space
             self.start_time = None
 
         def on_train_begin(self, args, state, control, **kw):
@@ -104,6 +107,13 @@ def callback_class():
                 control.should_training_stop = True
                 control.should_save = True
                 self.log(f"stop requested: saving a checkpoint at step {state.global_step}")
+            if control.should_save:  # before the Trainer writes it: is there room?
+                problem = check_before_save(self.run.path, self.run.plan().get("plan") or {}, self.run.last_checkpoint())
+                if problem:
+                    self.disk_full = f"{problem}; stopped at step {state.global_step} without saving it"
+                    control.should_save = control.should_evaluate = False
+                    control.should_training_stop = True
+                    self.log(self.disk_full)
             return control
 
     return StudioCallback
@@ -138,8 +148,12 @@ def run_log(run: RunFolder, echo: bool):
 
     def log(msg: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {msg}"
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as e:  # a full disk must not stop the run from recording how it ended
+            if not echo:
+                print(f"{run.name}: cannot write train.log ({e.strerror or e}): {line}", file=sys.stderr, flush=True)
         if echo:
             print(line, flush=True)
 
@@ -369,6 +383,13 @@ def _finish(run: RunFolder, plan: RunPlan, trainer, callback, data, result_metri
         return run.set_status("failed", error=f"non-finite values at step {f.step}: {f.message}", error_kind="nonfinite",
                               finished_at=time.time(), phase="failed", step=step,
                               last_checkpoint=good.name if good else None)
+
+    if callback.disk_full is not None:
+        ckpt = run.last_checkpoint()
+        return run.set_status("failed", error=callback.disk_full + (
+            f"; free some space, then resume from {ckpt.name}" if ckpt else "; free some space and start again"),
+            error_kind="disk_full", finished_at=time.time(), phase="failed", step=step,
+            last_checkpoint=ckpt.name if ckpt else None)
 
     trainer.model.save_pretrained(str(run.adapter))
     trainer.processing_class.save_pretrained(str(run.adapter))

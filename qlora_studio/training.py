@@ -11,13 +11,16 @@ The pieces, in the order a run uses them:
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 import traceback
 from pathlib import Path
 
 from .config import TrainConfig
+from .diskspace import DiskFull, check_before_run, is_disk_full, reserve
 from .errors import StudioError, TrainingError
+from .home import runs_dir
 from .plan import RunPlan, plan_for
 from .runs import RunFolder
 
@@ -29,16 +32,32 @@ def prepare_run(cfg: TrainConfig, name: str | None = None, extra: dict | None = 
     ``extra``: more keys for config.json (a fix run's lineage); ``init_files``: adapter files to start
     from, copied into the folder's ``init_adapter/``; ``plan``: an already computed plan (else
     `plan_for`)."""
-    import shutil
-
-    from .data import file_sha256
     from .runs import new_run_dir
 
     data_path = Path(cfg.data).expanduser()
     if not data_path.is_file():
         raise TrainingError(f"data: {cfg.data}: no such file", field="data")
     plan = plan or plan_for(cfg)
-    run = RunFolder(new_run_dir(cfg.model, cfg.data, name or cfg.name))
+    check_before_run(runs_dir(), plan.to_dict())
+    run = None
+    try:
+        run = RunFolder(new_run_dir(cfg.model, cfg.data, name or cfg.name))
+        _write_new_run(run, cfg, data_path, plan, extra, init_files)
+    except OSError as e:  # never leave a half-made folder behind
+        if run is not None:
+            shutil.rmtree(run.path, ignore_errors=True)
+        if is_disk_full(e):
+            raise DiskFull(f"disk full while creating a run folder in {runs_dir()} ({e.strerror or e})",
+                           hint="free some space (delete old runs in the Runs tab) and start again") from e
+        raise
+    return run
+
+
+def _write_new_run(run: RunFolder, cfg: TrainConfig, data_path: Path, plan: RunPlan, extra: dict | None,
+                   init_files) -> None:
+    from .data import file_sha256
+
+    reserve(run.path)  # first: the space a "disk full" status needs later (see `diskspace`)
     settings = cfg.to_dict()
     settings["data"] = str(data_path.resolve())
     if cfg.test_data:
@@ -54,7 +73,6 @@ def prepare_run(cfg: TrainConfig, name: str | None = None, extra: dict | None = 
     run.write_config(settings)
     run.write_plan({"plan": plan.to_dict(), "adjustments": [], "recoveries": []})
     run.set_status("running", created_at=time.time(), phase="queued")
-    return run
 
 
 def _stored_config(run: RunFolder) -> tuple[dict, TrainConfig]:
@@ -82,6 +100,7 @@ def run_training(run: RunFolder, stop_event: threading.Event | None = None, resu
     import_training_stack()
     stop_event = stop_event or threading.Event()
     log = run_log(run, echo)
+    reserve(run.path)  # again: a run that failed for lack of space gave its reserve up
     recovered = 0
     while True:
         cfg = device = None
@@ -91,9 +110,14 @@ def run_training(run: RunFolder, stop_event: threading.Event | None = None, resu
             run.set_status("running", phase="loading model", device=device)
             return train(run, cfg, stored, stop_event, resume, log, list(extra_callbacks or []))
         except Exception as e:  # recorded, not raised: the app and other runs must survive it
-            oom = is_oom(e)
+            oom, full = is_oom(e), is_disk_full(e)
             msg = f"{type(e).__name__}: {e}" if not isinstance(e, StudioError) else str(e)
-            kind = "oom" if oom else type(e).__name__
+            kind = "oom" if oom else "disk_full" if full else type(e).__name__
+            if full:
+                torn = run.remove_torn_checkpoints()  # half-written, useless, and holding space
+                msg = (f"disk full while {run.status().get('phase') or 'training'} in {run.path}"
+                       + (f" (removed the half-written {', '.join(torn)})" if torn else "")
+                       + f"; free some space, then resume from the last checkpoint. ({msg})")
             log(("OUT OF MEMORY: " if oom else "FAILED: ") + msg)
             log(traceback.format_exc())
             phase = run.status().get("phase")
