@@ -7,9 +7,18 @@ Shapes detected automatically (by the keys most rows carry):
 - ``prompt_completion``: {"prompt": ..., "completion": ...}
 - ``text``:   {"text": ...} (trained on every token)
 
-Files: .jsonl, .json (a list of rows, or an object holding one), .csv, .parquet. Every row keeps the
-line (or row) number it came from, so problems are reported as ``file:line field: message``. A file
-with a few bad rows is still usable: it trains on the good rows and reports the rest.
+Files: .jsonl, .json (a list of rows, or an object holding one), .csv, .parquet, read by `datafile`
+(encodings, duplicate keys, nesting: see there). Every row keeps the line (or row) number it came
+from, so problems are reported as ``file:line field: message``. A file with a few bad rows is still
+usable: it trains on the good rows and reports the rest; only a file with no usable row is refused.
+
+A row is checked the way training will use it: its text must be text (no unpaired surrogate from a
+broken ``\\ud800`` escape), a conversation must start with a user turn (after an optional system
+message) and hold an assistant turn. A row longer than `row_char_limit` characters (MAX_ROW_CHARS,
+or 16 per token of the sequence length when that is more: the rest would be cut off anyway) is an
+error and skipped, whatever its shape ("split it"): tokenizing one 20 MB row took minutes and GBs.
+With a tokenizer (`prepare_dataset`), a row that the chat template or the tokenizer rejects is
+skipped and reported the same way, so one row never fails a run.
 
 Loss is computed on assistant tokens only: the conversation is rendered with the model's chat
 template, and each assistant turn's character span is found by rendering the conversation up to that
@@ -18,15 +27,16 @@ turn; tokens whose characters fall outside those spans get the label -100.
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import StudioError
+from .datafile import DataError, DataIssue, file_sha256, read_rows
+
+__all__ = ["DataError", "DataIssue", "DataReport", "Example", "PreparedData", "check_file", "detect_format",
+           "file_sha256", "load_examples", "prepare_dataset", "row_char_limit", "tokenize_example"]
 
 FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "text")
 IGNORE_INDEX = -100
@@ -35,22 +45,11 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+MAX_ROW_CHARS = 200_000  # characters of text in one row (see `row_char_limit`)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ROW_FIELD = {"chat": "messages", "sharegpt": "conversations", "text": "text"}  # else "(row)"
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "model": "assistant", "system": "system", "bot": "assistant"}
-
-
-class DataError(StudioError):
-    """The file cannot be used at all; the message names file, line and field."""
-
-
-@dataclass
-class DataIssue:
-    line: int  # 1-based line (JSONL, CSV data row incl. header offset) or row number (JSON, Parquet)
-    field: str
-    message: str
-
-    def format(self, path: str) -> str:
-        return f"{path}:{self.line} {self.field}: {self.message}"
 
 
 @dataclass
@@ -88,77 +87,13 @@ def _length_stats(lengths: list[int]) -> dict:
     return {"min": s[0], "median": statistics.median(s), "p95": s[min(len(s) - 1, int(0.95 * len(s)))], "max": s[-1]}
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+def row_char_limit(max_seq_len: int | None = None) -> int:
+    """The most characters of text a row may hold: MAX_ROW_CHARS, or 16 per token of ``max_seq_len``
+    (more than any tokenizer's characters per token: the rest would be cut off) when that is more."""
+    return max(MAX_ROW_CHARS, 16 * (max_seq_len or 0))
 
 
-# ------------------------------------------------------------------ reading rows
-
-
-def _read_rows(path: Path) -> tuple[list[tuple[int, object]], list[DataIssue]]:
-    """Rows as (line, value) pairs, plus the rows that could not even be parsed."""
-    suffix = path.suffix.lower()
-    rows: list[tuple[int, object]] = []
-    issues: list[DataIssue] = []
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    issues.append(DataIssue(n, "(json)", f"not valid JSON: {e.msg} at column {e.colno}"))
-    elif suffix == ".json":
-        text = path.read_text(encoding="utf-8", errors="replace")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            # A .json file with one object per line is really JSONL.
-            if e.msg == "Extra data" and text.lstrip().startswith("{"):
-                return _read_rows_jsonl_text(text)
-            raise DataError(f"{path}:{e.lineno} (json): not valid JSON: {e.msg} at column {e.colno}") from e
-        if isinstance(value, dict):
-            lists = [v for v in value.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise DataError(f"{path}:1 (json): expected a list of rows, or an object holding exactly one list")
-            value = lists[0]
-        if not isinstance(value, list):
-            raise DataError(f"{path}:1 (json): expected a list of rows")
-        rows = [(i, v) for i, v in enumerate(value, 1)]
-    elif suffix == ".csv":
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames:
-                raise DataError(f"{path}:1 (header): the CSV file has no header row")
-            for row in reader:
-                rows.append((reader.line_num, {k: v for k, v in row.items() if k is not None}))
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as e:
-            raise DataError(f"{path}:1 (parquet): cannot read this Parquet file ({e})") from e
-        rows = [(i, v) for i, v in enumerate(table.to_pylist(), 1)]
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .csv or .parquet")
-    return rows, issues
-
-
-def _read_rows_jsonl_text(text: str) -> tuple[list[tuple[int, object]], list[DataIssue]]:
-    rows, issues = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                issues.append(DataIssue(n, "(json)", f"not valid JSON: {e.msg} at column {e.colno}"))
-    return rows, issues
+# ------------------------------------------------------------------ rows to examples
 
 
 def detect_format(rows: list[tuple[int, object]]) -> str | None:
@@ -193,10 +128,20 @@ def _nonempty_str(row: dict, key: str, line: int, issues: list[DataIssue], label
     if not value.strip():
         issues.append(DataIssue(line, name, "empty"))
         return None
-    return value
+    return value if _is_text(value, line, name, issues) else None
 
 
-def _check_turns(turns: list[dict], line: int, key: str, issues: list[DataIssue]) -> list[dict] | None:
+def _is_text(value: str, line: int, name: str, issues: list[DataIssue]) -> bool:
+    """Whether ``value`` can be encoded: JSON's ``\\ud800`` escapes give unpaired surrogates, which
+    the tokenizer rejects."""
+    if not value.isascii() and (m := _SURROGATE.search(value)):
+        issues.append(DataIssue(line, name, f"unpaired surrogate \\u{ord(m.group()):04x} at character {m.start() + 1} "
+                                            "(half of a broken \\u escape); remove it or give the whole character"))
+        return False
+    return True
+
+
+def _check_turns(turns: list[dict], line: int, key: str, role_key: str, issues: list[DataIssue]) -> list[dict] | None:
     if not turns:
         issues.append(DataIssue(line, key, "no messages"))
         return None
@@ -205,8 +150,13 @@ def _check_turns(turns: list[dict], line: int, key: str, issues: list[DataIssue]
         return None
     for i, t in enumerate(turns):
         if t["role"] == "system" and i != 0:
-            issues.append(DataIssue(line, f"{key}[{i}].role", "a system message may only come first"))
+            issues.append(DataIssue(line, f"{key}[{i}].{role_key}", "a system message may only come first"))
             return None
+    first = 1 if turns[0]["role"] == "system" else 0
+    if turns[first]["role"] != "user":
+        issues.append(DataIssue(line, f"{key}[{first}].{role_key}", f"the conversation starts with an {turns[first]['role']} "
+                                "message; it must start with a user message (after an optional system message)"))
+        return None
     return turns
 
 
@@ -224,12 +174,14 @@ def _to_example(fmt: str, line: int, row: object, issues: list[DataIssue]) -> Ex
         if not isinstance(extra, str):
             issues.append(DataIssue(line, "input", f"expected text, got {type(extra).__name__}"))
             return None
-        if not (instruction and output):
+        system = row.get("system") if isinstance(row.get("system"), str) and row["system"].strip() else None
+        if not (instruction and output and _is_text(extra, line, "input", issues)
+                and _is_text(system or "", line, "system", issues)):
             return None
         user = instruction if not extra.strip() else f"{instruction}\n\n{extra}"
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        if isinstance(row.get("system"), str) and row["system"].strip():
-            msgs.insert(0, {"role": "system", "content": row["system"]})
+        if system:
+            msgs.insert(0, {"role": "system", "content": system})
         return Example(line, messages=msgs)
     if fmt == "prompt_completion":
         prompt = _nonempty_str(row, "prompt", line, issues)
@@ -256,18 +208,21 @@ def _to_example(fmt: str, line: int, row: object, issues: list[DataIssue]) -> Ex
         if content is None:
             return None
         turns.append({"role": role, "content": content})
-    turns = _check_turns(turns, line, key, issues)
+    turns = _check_turns(turns, line, key, role_key, issues)
     return Example(line, messages=turns) if turns else None
 
 
-def load_examples(path: str | Path, fmt: str | None = None) -> tuple[list[Example], DataReport]:
-    """Read, detect and validate a data file. Raises `DataError` if nothing in it is usable."""
+def load_examples(path: str | Path, fmt: str | None = None,
+                  max_row_chars: int | None = None) -> tuple[list[Example], DataReport]:
+    """Read, detect and validate a data file (rows over ``max_row_chars`` characters, by default
+    `row_char_limit()`, are errors). Raises `DataError` if nothing in it is usable."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    rows, issues = _read_rows(path)
+    rows, issues, sha256 = read_rows(path)
+    unread = len(issues)
     if not rows:
-        raise DataError(f"{path}:1 (file): no rows" + (f"; first problem: {issues[0].format(str(path))}" if issues else ""))
+        _count_skipped(DataReport(str(path), "", rows=unread, usable=0, errors=issues))
     fmt = fmt or detect_format(rows)
     if fmt is None:
         keys = sorted(rows[0][1].keys()) if isinstance(rows[0][1], dict) else []
@@ -275,18 +230,42 @@ def load_examples(path: str | Path, fmt: str | None = None) -> tuple[list[Exampl
             f"{path}:{rows[0][0]} (fields): cannot tell the format from the fields {keys}; expected one of "
             "messages | conversations | instruction+output | prompt+completion | text"
         )
-    examples = [ex for line, row in rows if (ex := _to_example(fmt, line, row, issues))]
-    report = DataReport(str(path), fmt, rows=len(rows) + sum(1 for i in issues if i.field == "(json)"),
-                        usable=len(examples), errors=issues, sha256=file_sha256(path))
-    if not examples:
-        first = issues[0].format(str(path)) if issues else f"{path}: no usable rows"
-        raise DataError(f"no usable rows in {path}; first problem: {first}")
-    if issues:
-        report.warnings.append(f"{len(issues)} of {report.rows} rows skipped (see errors)")
+    limit = max_row_chars or row_char_limit()
+    examples = [ex for line, row in rows if (ex := _to_example(fmt, line, row, issues)) and _fits(ex, fmt, limit, issues)]
+    issues.sort(key=lambda i: i.line)
+    report = DataReport(str(path), fmt, rows=len(rows) + unread, usable=len(examples), errors=issues, sha256=sha256)
+    _count_skipped(report)
     by_line = dict(rows)
     empty_lines = [i.line for i in issues if i.message == "empty" and _is_answer_field(fmt, by_line.get(i.line), i.field)]
     _quality_warnings(examples, report, empty_lines)
     return examples, report
+
+
+_FIELD_OF_ROLE = {"alpaca": {"system": "system", "user": "instruction", "assistant": "output"},
+                  "prompt_completion": {"user": "prompt", "assistant": "completion"}}
+
+
+def _fits(ex: Example, fmt: str, limit: int, issues: list[DataIssue]) -> bool:
+    """Whether the row's text is within ``limit`` characters (else an issue naming its longest field)."""
+    chars = len(ex.text) if ex.text is not None else sum(len(m["content"]) for m in ex.messages)
+    if chars > limit:
+        name = _ROW_FIELD.get(fmt) or _FIELD_OF_ROLE[fmt][max(ex.messages, key=lambda m: len(m["content"]))["role"]]
+        issues.append(DataIssue(ex.line, name, f"the row holds {chars:,} characters, over the limit of {limit:,}; "
+                                "split it into shorter rows"))
+    return chars <= limit
+
+
+def _count_skipped(report: DataReport) -> None:
+    """Refuse a report without usable rows; else say how many rows were skipped (once, up to date)."""
+    path = Path(report.path)
+    if not report.usable:
+        if not report.errors:
+            raise DataError(f"{path}:1 (file): no rows")
+        raise DataError(f"{report.errors[0].format(str(path))} -- and no usable rows in {path.name}: "
+                        f"all {report.rows} rows were skipped")
+    report.warnings = [w for w in report.warnings if not w.endswith(" rows skipped (see errors)")]
+    if report.usable < report.rows:
+        report.warnings.insert(0, f"{report.rows - report.usable} of {report.rows} rows skipped (see errors)")
 
 
 def _is_answer_field(fmt: str, row: object, field_name: str) -> bool:
@@ -402,6 +381,24 @@ def tokenize_example(tokenizer, ex: Example, max_len: int) -> dict:
             "length": len(ids), "truncated": truncated}
 
 
+def _tokenize_all(tokenizer, examples: list[Example], max_seq_len: int, report: DataReport) -> list[dict]:
+    rows, failed = [], []
+    for ex in examples:
+        try:
+            rows.append(tokenize_example(tokenizer, ex, max_seq_len))
+        except MemoryError:
+            raise
+        except Exception as e:  # a template's raise_exception, a tokenizer's TypeError: this row's problem
+            why = (str(e).strip().splitlines() or [""])[0][:300]
+            failed.append(DataIssue(ex.line, _ROW_FIELD.get(report.format, "(row)"),
+                                    f"the chat template or the tokenizer failed on this row ({type(e).__name__}: {why})"))
+    if failed:
+        report.errors = sorted(report.errors + failed, key=lambda i: i.line)
+        report.usable -= len(failed)
+        _count_skipped(report)
+    return rows
+
+
 @dataclass
 class PreparedData:
     train: object  # datasets.Dataset
@@ -411,12 +408,13 @@ class PreparedData:
 
 def prepare_dataset(path: str | Path, tokenizer, max_seq_len: int, eval_fraction: float = 0.1,
                     seed: int = 42, fmt: str | None = None) -> PreparedData:
-    """Load, validate, tokenize with masking, split into train/eval (as `datasets.Dataset`)."""
+    """Load, validate, tokenize with masking, split into train/eval (as `datasets.Dataset`). A row the
+    chat template or the tokenizer fails on is skipped and reported in ``report.errors``."""
     from datasets import Dataset
 
     ensure_chat_template(tokenizer)
-    examples, report = load_examples(path, fmt)
-    rows = [tokenize_example(tokenizer, ex, max_seq_len) for ex in examples]
+    examples, report = load_examples(path, fmt, row_char_limit(max_seq_len))
+    rows = _tokenize_all(tokenizer, examples, max_seq_len, report)
     no_target = sum(1 for r in rows if all(label == IGNORE_INDEX for label in r["labels"]))
     rows = [r for r in rows if any(label != IGNORE_INDEX for label in r["labels"])]
     if no_target:
@@ -438,5 +436,5 @@ def prepare_dataset(path: str | Path, tokenizer, max_seq_len: int, eval_fraction
 def check_file(path: str | Path, tokenizer=None, max_seq_len: int = 512) -> DataReport:
     """Validate a file (and, with a tokenizer, count truncation) without training."""
     if tokenizer is None:
-        return load_examples(path)[1]
+        return load_examples(path, max_row_chars=row_char_limit(max_seq_len))[1]
     return prepare_dataset(path, tokenizer, max_seq_len, eval_fraction=0).report

@@ -2,8 +2,9 @@
 
 The pieces, in the order a run uses them:
 1. `config.TrainConfig` -- the settings as the user gave them (a preset, a file, the form, flags).
-2. `prepare_run` -- the run folder: config.json (those settings), plan.json (`plan.plan_for`: every
-   decision, with its reason) and status.json, before anything heavy runs.
+2. `prepare_run` -- the data's rows checked (`data.load_examples`: a file with no usable row is
+   refused before any folder exists), then the run folder: config.json (those settings), plan.json
+   (`plan.plan_for`: every decision, with its reason) and status.json, before anything heavy runs.
 3. `run_training` -- the attempts: `trainer.train` executes the plan (`loading` for the model,
    `batching` for packed batches, `compat` for other libraries' quirks); an out-of-memory error is
    retried with a smaller micro-batch (`recovery`), any other failure is recorded, never raised.
@@ -32,17 +33,23 @@ def prepare_run(cfg: TrainConfig, name: str | None = None, extra: dict | None = 
     ``extra``: more keys for config.json (a fix run's lineage); ``init_files``: adapter files to start
     from, copied into the folder's ``init_adapter/``; ``plan``: an already computed plan (else
     `plan_for`)."""
+    from .data import DataError, load_examples, row_char_limit
     from .runs import new_run_dir
 
     data_path = Path(cfg.data).expanduser()
     if not data_path.is_file():
         raise TrainingError(f"data: {cfg.data}: no such file", field="data")
+    try:  # the rows, before there is a run folder to leave behind (the tokenizer checks them again)
+        report = load_examples(data_path, cfg.data_format, row_char_limit(cfg.max_seq_len))[1]
+    except DataError as e:
+        e.field = e.field or "data"
+        raise
     plan = plan or plan_for(cfg)
     check_before_run(runs_dir(), plan.to_dict())
     run = None
     try:
         run = RunFolder(new_run_dir(cfg.model, cfg.data, name or cfg.name))
-        _write_new_run(run, cfg, data_path, plan, extra, init_files)
+        _write_new_run(run, cfg, data_path, report.sha256, plan, extra, init_files)
     except OSError as e:  # never leave a half-made folder behind
         if run is not None:
             shutil.rmtree(run.path, ignore_errors=True)
@@ -53,10 +60,8 @@ def prepare_run(cfg: TrainConfig, name: str | None = None, extra: dict | None = 
     return run
 
 
-def _write_new_run(run: RunFolder, cfg: TrainConfig, data_path: Path, plan: RunPlan, extra: dict | None,
-                   init_files) -> None:
-    from .data import file_sha256
-
+def _write_new_run(run: RunFolder, cfg: TrainConfig, data_path: Path, data_sha256: str, plan: RunPlan,
+                   extra: dict | None, init_files) -> None:
     reserve(run.path)  # first: the space a "disk full" status needs later (see `diskspace`)
     settings = cfg.to_dict()
     settings["data"] = str(data_path.resolve())
@@ -68,7 +73,7 @@ def _write_new_run(run: RunFolder, cfg: TrainConfig, data_path: Path, plan: RunP
         for f in init_files:
             shutil.copy2(f, dest / Path(f).name)
         settings["init_adapter"] = str(dest)
-    settings["data_sha256"] = file_sha256(data_path)
+    settings["data_sha256"] = data_sha256
     settings.update(extra or {})
     run.write_config(settings)
     run.write_plan({"plan": plan.to_dict(), "adjustments": [], "recoveries": []})
