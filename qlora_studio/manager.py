@@ -58,14 +58,32 @@ class RunManager:
             return run
 
     def resume(self, run: str | Path, echo: bool = False) -> RunFolder:
+        """Continue a run from its last checkpoint. A run whose status.json cannot be read counts as
+        completed when it saved its adapter or summary (resuming would train past its end and overwrite
+        them); otherwise it resumes, its status.json rewritten and the damaged one kept beside it."""
+        from .runs import DamagedRunFile, atomic_write_json
+
         folder = RunFolder(resolve_run(run))
         with self._lock:
             self._refuse_if_busy()
-            state = folder.status(set()).get("state")
+            folder.config()  # a damaged config.json: say so now, not from the training thread
+            try:
+                state, damaged = folder.status(set()).get("state"), None
+            except DamagedRunFile as e:
+                state, damaged = None, e
+            if damaged is not None and folder.has_final_results():
+                raise RunBusy(f"{folder.name}: {damaged.why}; its adapter or summary.json shows it reached its end, "
+                              "so it counts as completed and is not resumed", field="status.json",
+                              hint="start a new run to train more, or delete this one")
             if state in ("completed",):
                 raise RunBusy(f"{folder.name} already completed; start a new run to train more")
             if folder.last_checkpoint() is None:
-                raise RunBusy(f"{folder.name} has no checkpoint to resume from")
+                raise RunBusy(f"{folder.name} has no checkpoint to resume from"
+                              + (f" ({damaged.why})" if damaged is not None else ""))
+            if damaged is not None:
+                kept = damaged.path.with_name("status.json.damaged")
+                os.replace(damaged.path, kept)
+                atomic_write_json(damaged.path, {"state": "interrupted", "error": f"{damaged.why} (kept as {kept.name})"})
             folder.set_status("running", phase="resuming")
             self._launch(folder, resume=True, echo=echo)
             return folder
