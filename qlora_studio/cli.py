@@ -169,7 +169,8 @@ def cmd_runs(args) -> int:
         print("no runs yet")
     for r in records:
         loss = f"{r.final_loss:.4f}" if isinstance(r.final_loss, (int, float)) else "-"
-        print(f"{r.name:48s} {r.state:11s} loss {loss:>8s}  {r.model}  {r.data}" + ("  (resumable)" if r.resumable else ""))
+        print(f"{r.name:48s} {r.state:11s} loss {loss:>8s}  {r.model}  {r.data}" + ("  (resumable)" if r.resumable else "")
+              + (f"  ({r.error})" if r.state == "damaged" else ""))
     return 0
 
 
@@ -415,11 +416,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _output_closed() -> int:
+    """The reader of our output went away (``qlora-studio runs | head -1``): stop quietly, as a shell
+    tool does (exit 141 = 128 + SIGPIPE). Standard output is pointed at the null device so that the
+    flush at exit does not fail again (Python's docs, "Note on SIGPIPE")."""
+    import os
+
     try:
-        return int(args.func(args) or 0)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file behind sys.stdout
+        pass
+    return 141
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here rather than at exit
+        return code
+    except BrokenPipeError:
+        return _output_closed()
     except StudioError as e:
         print(f"error: {e.user_text()}", file=sys.stderr)
         return 2

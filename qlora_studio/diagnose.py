@@ -30,7 +30,8 @@ import math
 import statistics
 from pathlib import Path
 
-from .finding import (KINDS, SEVERITIES, Finding, Fix, _check_data, _finite, _fmt, _halve_lr, _mad,  # noqa: F401
+from .errors import StudioError
+from .finding import (KINDS, Finding, Fix, _check_data, _finite, _fmt, _halve_lr, _mad,  # noqa: F401
                       _num, _round_sig, _Settings, _smaller_batch, settings_view, theil_sen_slope)
 from .run_checks import data_findings, oom_findings, underused_findings
 
@@ -71,6 +72,27 @@ USUAL_LORA_LR = 1e-4
 # ------------------------------------------------------------------ the incremental diagnoser
 
 
+def record_kind(record) -> str | None:
+    """"train", "eval" or None (not a metric record): the record's ``type``, or, for a line without one
+    (metrics written by other tools: step, loss, learning_rate or lr, grad_norm; eval lines with
+    eval_loss), what its keys say it is."""
+    if not isinstance(record, dict):
+        return None
+    kind = record.get("type")
+    if kind is not None:
+        return kind if kind in ("train", "eval") else None
+    if "eval_loss" in record:
+        return "eval"
+    return "train" if "loss" in record else None
+
+
+def _step(record: dict, default: int) -> int:
+    """The record's step as a whole number (``default`` when absent, zero or not a finite number)."""
+    step = _num(record.get("step"))
+    return int(step) if step and math.isfinite(step) else default
+
+
+
 class Diagnoser:
     """Findings over a stream of metric records, as they arrive.
 
@@ -96,7 +118,7 @@ class Diagnoser:
 
     # -- feeding
     def add(self, record: dict) -> list[Finding]:
-        kind = record.get("type")
+        kind = record_kind(record)
         if kind == "train":
             new = self._add_train(record)
         elif kind == "eval":
@@ -113,8 +135,9 @@ class Diagnoser:
         return new
 
     def _add_train(self, record: dict) -> list[Finding]:
-        row = {"step": int(record.get("step") or len(self.train) + 1), "loss": _num(record.get("loss")),
-               "lr": _num(record.get("lr")), "grad_norm": _num(record.get("grad_norm"))}
+        lr = record.get("lr") if record.get("lr") is not None else record.get("learning_rate")
+        row = {"step": _step(record, len(self.train) + 1), "loss": _num(record.get("loss")),
+               "lr": _num(lr), "grad_norm": _num(record.get("grad_norm"))}
         out = []
         bad = self._check_nonfinite(row)
         if bad:
@@ -141,7 +164,7 @@ class Diagnoser:
         value = _num(record.get("eval_loss"))
         if value is None:
             return []
-        self.evals.append({"step": int(record.get("step") or 0), "eval_loss": value})
+        self.evals.append({"step": _step(record, 0), "eval_loss": value})
         if self._overfit_done:
             return []
         found = self._check_overfitting()
@@ -398,8 +421,16 @@ def diagnose(records: list[dict], *, config: dict | None = None, status: dict | 
     return sorted(findings, key=lambda f: (f.step, order.get(f.kind, 99)))
 
 
+class NothingToDiagnose(StudioError):
+    """A metrics file (or a run folder) holds no record the diagnosis recognises."""
+
+
 def diagnose_run(path: str | Path) -> list[Finding]:
-    """Findings for a run folder, or for a metrics.jsonl file (with its folder's files, if any)."""
+    """Findings for a run folder, or for a metrics.jsonl file (with its folder's files, if any).
+
+    Raises `runs.DamagedRunFile` when the folder's config.json, status.json or summary.json cannot be
+    read, and `NothingToDiagnose` when no metric record was recognised and nothing else was found (an
+    empty answer would read as "nothing looks wrong")."""
     p = Path(path).expanduser()
     if p.is_file():
         folder, metrics = p.parent, p
@@ -407,9 +438,16 @@ def diagnose_run(path: str | Path) -> list[Finding]:
         folder, metrics = p, p / "metrics.jsonl"
     else:
         raise FileNotFoundError(f"{path}: no such run folder or metrics file")
-    from .runs import read_json, read_metrics_from
+    from .runs import RunFolder, read_json, read_metrics_from, read_run_file
 
     records = read_metrics_from(metrics)[0] if metrics.is_file() else []
-    config = settings_view(read_json(folder / "config.json"), read_json(folder / "plan.json"))
-    return diagnose(records, config=config, status=read_json(folder / "status.json"),
-                    summary=read_json(folder / "summary.json"), data_report=read_json(folder / "data_report.json"))
+    config = settings_view(read_run_file(folder / "config.json"), RunFolder(folder).plan())
+    report = read_json(folder / "data_report.json")
+    findings = diagnose(records, config=config, status=read_run_file(folder / "status.json"),
+                        summary=read_run_file(folder / "summary.json"),
+                        data_report=report if isinstance(report, dict) else None)
+    if not findings and not any(record_kind(r) for r in records):
+        what = f"no metric records recognised in {metrics}" if metrics.is_file() else f"{metrics}: no such file"
+        raise NothingToDiagnose(f"{what} (expected lines with step and loss)",
+                                hint='one JSON object a line, e.g. {"step": 10, "loss": 1.23}; eval lines carry eval_loss')
+    return findings

@@ -71,20 +71,13 @@ class RunManager:
             return run
 
     def resume(self, run: str | Path, echo: bool = False, allow_parallel: bool = False) -> RunFolder:
+        """Continue a run from its last checkpoint (see `_check_resumable`)."""
         folder = RunFolder(resolve_run(run))
         with self._lock:
             self._refuse_if_busy()
             owner = self._take_run(folder)
             try:
-                state = folder.status(set()).get("state")
-                if state in ("completed",):
-                    raise RunBusy(f"{folder.name} already completed; start a new run to train more")
-                if folder.last_checkpoint() is None:
-                    raise RunBusy(f"{folder.name} has no checkpoint to resume from")
-                folder.remove_torn_checkpoints()
-                problem = check_before_save(folder.path, folder.plan().get("plan") or {}, folder.last_checkpoint())
-                if problem:
-                    raise DiskFull(f"cannot resume {folder.name}: {problem}", hint="free some space first")
+                self._check_resumable(folder)
                 device = self._take_device((folder.plan().get("plan") or {}).get("device", "cpu"), allow_parallel, folder.name)
             except BaseException:
                 owner.release()
@@ -129,6 +122,37 @@ class RunManager:
     def _refuse_if_busy(self):
         if self._thread is not None and self._thread.is_alive():
             raise RunBusy(f"a run is already training ({self._run.name}); stop it or wait for it to finish")
+
+    @staticmethod
+    def _check_resumable(folder: RunFolder) -> None:
+        """Refuse a run that cannot be resumed. A run whose status.json cannot be read counts as completed
+        when it saved its adapter or summary (resuming would train past its end and overwrite them);
+        otherwise it resumes, its status.json rewritten and the damaged one kept beside it. Half-written
+        checkpoints are removed, and the disk must have room for the next one."""
+        from .runs import DamagedRunFile, atomic_write_json
+
+        folder.config()  # a damaged config.json: say so now, not from the training thread
+        try:
+            state, damaged = folder.status(set()).get("state"), None
+        except DamagedRunFile as e:
+            state, damaged = None, e
+        if damaged is not None and folder.has_final_results():
+            raise RunBusy(f"{folder.name}: {damaged.why}; its adapter or summary.json shows it reached its end, "
+                          "so it counts as completed and is not resumed", field="status.json",
+                          hint="start a new run to train more, or delete this one")
+        if state in ("completed",):
+            raise RunBusy(f"{folder.name} already completed; start a new run to train more")
+        if folder.last_checkpoint() is None:
+            raise RunBusy(f"{folder.name} has no checkpoint to resume from"
+                          + (f" ({damaged.why})" if damaged is not None else ""))
+        folder.remove_torn_checkpoints()
+        problem = check_before_save(folder.path, folder.plan().get("plan") or {}, folder.last_checkpoint())
+        if problem:
+            raise DiskFull(f"cannot resume {folder.name}: {problem}", hint="free some space first")
+        if damaged is not None:
+            kept = damaged.path.with_name("status.json.damaged")
+            os.replace(damaged.path, kept)
+            atomic_write_json(damaged.path, {"state": "interrupted", "error": f"{damaged.why} (kept as {kept.name})"})
 
     @staticmethod
     def _take_run(run: RunFolder) -> Lock:

@@ -13,6 +13,10 @@ JSON files are replaced atomically (write a temporary file, fsync, rename). metr
 appended to, and a reader ignores a last line cut short by a crash. A folder whose status says
 "running" but whose process is gone is reported as "interrupted" and can be resumed from its last
 checkpoint.
+
+Each run is read on its own: a file that cannot be read as what it should hold (not JSON, not an
+object, a value of the wrong type; see `read_run_file`) raises `DamagedRunFile` naming the file, and
+`list_runs` shows that run as "damaged" (its error: ``damaged: <file>: <what>``) next to the others.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .home import runs_dir
 from .ownership import RUN_LOCK, describe, run_owner
 
 STATES = ("running", "completed", "stopped", "failed", "interrupted")
+LISTED_STATES = STATES + ("damaged",)  # what a listing can show: "damaged" is read, never written
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -54,11 +59,84 @@ def atomic_write_json(path: Path, obj) -> None:
         raise
 
 
+class DamagedRunFile(RunError):
+    """A run's file exists but does not hold what it should; ``why`` is ``damaged: <file>: <what>``."""
+
+    def __init__(self, path: Path, what: str):
+        self.path = Path(path)
+        label = f"damaged: {self.path.name}: {what}"
+        super().__init__(f"{self.path.parent.name}: {label}", field=self.path.name, why=label,
+                         hint=f"repair or remove {self.path}, or delete the run")
+
+
 def read_json(path: Path, default=None):
+    """A JSON file, or ``default`` when it is missing or cannot be read as JSON (of any shape)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return default
+
+
+# What the readers of each run file count on: key -> type (float: any number; None is always allowed).
+_FILE_TYPES = {
+    "config.json": {"model": str, "data": str, "learning_rate": float, "epochs": float, "batch_size": int,
+                    "grad_accum": int, "max_seq_len": int, "max_steps": int},
+    "status.json": {"state": str, "pid": int, "host": str, "error": str, "error_kind": str, "phase": str,
+                    "created_at": float, "started_at": float, "updated_at": float, "finished_at": float,
+                    "step": int, "max_steps": int, "total_steps": int, "recoveries": list},
+    "summary.json": {"final_loss": float, "first_loss": float, "train_runtime_s": float, "tokens_per_s": float,
+                     "global_step": int, "eval": dict, "task_eval": dict, "peak_memory": dict},
+}
+_TYPE_WORDS = {str: "text", float: "a number", int: "a whole number", dict: "an object", list: "a list"}
+
+
+def _type_ok(value, want: type) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, bool):
+        return want is bool
+    if want is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, want)
+
+
+def _shape(doc) -> str:
+    return {list: "a list", str: "text", bool: "true/false", type(None): "null"}.get(type(doc), "a number")
+
+
+def read_run_file(path: Path) -> dict | None:
+    """A run's JSON file (config.json, status.json, summary.json, ...) as a dict; None when it does not
+    exist. Raises `DamagedRunFile` when it cannot be read, is not UTF-8 JSON, is not an object, or holds a
+    value of another type than its readers count on (`_FILE_TYPES`)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise DamagedRunFile(path, f"cannot be read ({e.strerror or e})") from e
+    if not raw.strip():
+        raise DamagedRunFile(path, "empty")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DamagedRunFile(path, "not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise DamagedRunFile(path, f"not valid JSON ({e.msg}, line {e.lineno})") from None
+    except (ValueError, RecursionError) as e:
+        raise DamagedRunFile(path, f"not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise DamagedRunFile(path, f"holds {_shape(doc)}, not a JSON object")
+    for key, want in _FILE_TYPES.get(path.name, {}).items():
+        if not _type_ok(doc.get(key), want):
+            raise DamagedRunFile(path, f"{key} must be {_TYPE_WORDS[want]}, not {json.dumps(doc[key])[:40]}")
+    if path.name == "status.json" and doc.get("state") not in (None, *STATES):
+        raise DamagedRunFile(path, f"state must be one of {', '.join(STATES)}, not {json.dumps(doc['state'])[:40]}")
+    if path.name == "status.json" and not all(isinstance(r, dict) for r in doc.get("recoveries") or []):
+        raise DamagedRunFile(path, "recoveries must be a list of objects")
+    if path.name == "summary.json" and not _type_ok((doc.get("eval") or {}).get("eval_loss"), float):
+        raise DamagedRunFile(path, f"eval.eval_loss must be a number, not {json.dumps(doc['eval']['eval_loss'])[:40]}")
+    return doc
 
 
 def check_run_name(name: str) -> str:
@@ -100,7 +178,7 @@ def resolve_run(run: str | Path, root: Path | None = None) -> Path:
 
 
 def _pid_alive(pid: int | None) -> bool:
-    if not pid:
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:  # 0 and negatives name process groups
         return False
     try:
         os.kill(pid, 0)
@@ -108,7 +186,7 @@ def _pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    except OSError:
+    except (OSError, OverflowError):
         return False
     return True
 
@@ -145,9 +223,10 @@ class RunFolder:
         atomic_write_json(self.path / "config.json", config)
 
     def config(self) -> dict:
-        cfg = read_json(self.path / "config.json")
+        """config.json; `RunError` when it is missing, `DamagedRunFile` when it cannot be read."""
+        cfg = read_run_file(self.path / "config.json")
         if cfg is None:
-            raise RunError(f"{self.path / 'config.json'}: missing or not valid JSON")
+            raise RunError(f"{self.path / 'config.json'}: missing")
         return cfg
 
     # plan
@@ -168,7 +247,8 @@ class RunFolder:
     # status
     def set_status(self, state: str, **fields) -> dict:
         assert state in STATES, state
-        status = read_json(self.path / "status.json", {}) or {}
+        status = read_json(self.path / "status.json", {})
+        status = dict(status) if isinstance(status, dict) else {}  # a damaged one is replaced, not kept
         status.update(fields)
         status["state"] = state
         status["updated_at"] = time.time()
@@ -188,9 +268,10 @@ class RunFolder:
         """The recorded status; "running" with its process gone reads as "interrupted".
 
         ``live_pids`` lets the owner of the run in this process vouch for it: a status written by
-        this very process is running only if the run manager says so.
+        this very process is running only if the run manager says so. `DamagedRunFile` when
+        status.json cannot be read.
         """
-        status = read_json(self.path / "status.json", {}) or {"state": "interrupted", "error": "no status.json"}
+        status = read_run_file(self.path / "status.json") or {"state": "interrupted", "error": "no status.json"}
         if status.get("state") == "running":
             pid = status.get("pid")
             same_host = status.get("host") in (None, socket.gethostname())
@@ -220,7 +301,13 @@ class RunFolder:
         atomic_write_json(self.path / "summary.json", summary)
 
     def summary(self) -> dict:
-        return read_json(self.path / "summary.json", {}) or {}
+        """summary.json, {} when there is none; `DamagedRunFile` when it cannot be read."""
+        return read_run_file(self.path / "summary.json") or {}
+
+    def has_final_results(self) -> bool:
+        """Whether training reached its end: the adapter was saved, or a summary written (even one that
+        cannot be read) -- what a completed (or stopped) run leaves, and no run that still has to train."""
+        return (self.adapter / "adapter_config.json").is_file() or (self.path / "summary.json").exists()
 
     def checkpoints(self, complete: bool = True) -> list[tuple[int, Path]]:
         """(step, folder) of the run's checkpoints, oldest first. ``complete``: only those whose save
@@ -283,7 +370,9 @@ def read_metrics_from(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     """Records appended since byte ``offset``, and the offset to continue from.
 
     Reading only the new tail keeps a live view's cost independent of the run's length. A last line
-    without its newline (being written, or cut by a crash) is left for the next read.
+    without its newline (being written, or cut by a crash) is left for the next read. Lines that are not
+    a UTF-8 JSON object (garbage written by a crash or by hand, ``[1]``, ``"x"``) are skipped: every
+    record returned is a dict.
     """
     try:
         with open(path, "rb") as f:
@@ -295,9 +384,11 @@ def read_metrics_from(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     for raw in chunk.split(b"\n")[:-1]:
         consumed += len(raw) + 1
         try:
-            records.append(json.loads(raw))  # NaN/Infinity are kept as floats
-        except json.JSONDecodeError:
+            record = json.loads(raw.decode("utf-8"))  # NaN/Infinity are kept as floats
+        except (ValueError, RecursionError):  # not UTF-8, not JSON
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records, offset + consumed
 
 
@@ -305,7 +396,7 @@ def read_metrics_from(path: Path, offset: int = 0) -> tuple[list[dict], int]:
 class RunRecord:
     name: str
     path: str
-    state: str
+    state: str  # one of LISTED_STATES
     model: str
     data: str
     created_at: float
@@ -317,25 +408,46 @@ class RunRecord:
 
     @classmethod
     def from_folder(cls, folder: RunFolder, live_pids: set[int] | None = None) -> "RunRecord":
-        cfg = read_json(folder.path / "config.json", {}) or {}
-        status = folder.status(live_pids)
-        summary = folder.summary()
+        """The run as a listing shows it. Each file is read on its own: one that cannot be read makes
+        the run "damaged" (its error names the file), and what the other files say is still shown."""
+        damaged = []
+
+        def read(reader, default):
+            try:
+                return reader()
+            except DamagedRunFile as e:
+                damaged.append(e)
+                return default
+
+        status = read(lambda: folder.status(live_pids), {})
+        cfg = read(folder.config, {})
+        summary = read(folder.summary, {})
+        state = status.get("state", "interrupted")
+        resumable = state in ("interrupted", "stopped", "failed")
+        if damaged:  # resumable only when status.json alone is damaged and the run has not reached its end
+            resumable = [e.path.name for e in damaged] == ["status.json"] and not folder.has_final_results()
+            state = "damaged"
+        try:
+            mtime = folder.path.stat().st_mtime
+        except OSError:
+            mtime = 0.0
         return cls(
             name=folder.name,
             path=str(folder.path),
-            state=status.get("state", "interrupted"),
-            model=str(cfg.get("model", "?")),
-            data=str(cfg.get("data", "?")),
-            created_at=float(status.get("started_at") or folder.path.stat().st_mtime),
+            state=state,
+            model=str(cfg.get("model") or "?"),
+            data=str(cfg.get("data") or "?"),
+            created_at=float(status.get("started_at") or mtime),
             final_loss=summary.get("final_loss"),
             eval_loss=(summary.get("eval") or {}).get("eval_loss"),
             runtime_s=summary.get("train_runtime_s"),
-            error=status.get("error"),
-            resumable=status.get("state") in ("interrupted", "stopped", "failed") and folder.last_checkpoint() is not None,
+            error="; ".join(e.why for e in damaged) if damaged else status.get("error"),
+            resumable=resumable and folder.last_checkpoint() is not None,
         )
 
 
 def list_runs(root: Path | None = None, live_pids: set[int] | None = None) -> list[RunRecord]:
+    """Every run under ``root``, newest first; a run whose files cannot be read is listed as "damaged"."""
     root = root or runs_dir()
     records = []
     for p in sorted(root.iterdir()) if root.is_dir() else []:

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from qlora_studio.chat import generate_batch, load_chat_model, load_run_model, merge_run, reply
-from qlora_studio.runs import RunFolder
 from qlora_studio.config import TrainConfig
 from qlora_studio.training import prepare_run, run_training
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from qlora_studio import diagnose as dg
-from qlora_studio.diagnose import Diagnoser, Finding, Fix, data_findings, diagnose, diagnose_run, oom_findings, underused_findings
+from qlora_studio.diagnose import Diagnoser, Finding, data_findings, diagnose, diagnose_run, oom_findings, underused_findings
 from qlora_studio.manager import RunManager
 from qlora_studio.runs import RunFolder
 from qlora_studio.config import TrainConfig

@@ -5,7 +5,6 @@ them may change what is learned."""
 import json
 
 import pytest
-import torch
 
 from qlora_studio.batching import PackedBatches, packing_respected
 from qlora_studio.compat import keep_4bit_weights_trainable

@@ -1,6 +1,5 @@
 """Real QLoRA runs: bitsandbytes 4-bit on the CPU, peft adapters, transformers' Trainer."""
 
-import json
 import os
 import signal
 import subprocess

@@ -20,8 +20,9 @@ def chat_runs() -> list[str]:
     out = []
     for p in runs_dir().iterdir():
         if (p / "adapter" / "adapter_config.json").is_file() or (p / "merged" / "studio_merged.json").is_file():
-            st = read_json(p / "status.json", {}) or {}
-            out.append((st.get("created_at") or st.get("started_at") or p.stat().st_mtime, p.name))
+            st = read_json(p / "status.json", {})
+            t = (st.get("created_at") or st.get("started_at")) if isinstance(st, dict) else None
+            out.append((t if isinstance(t, (int, float)) else p.stat().st_mtime, p.name))
     return [name for _, name in sorted(out, reverse=True)]
 
 

@@ -255,8 +255,8 @@ def latest_run_path() -> Path | None:
     for p in root.iterdir():
         if not (p / "config.json").is_file():
             continue
-        st = read_json(p / "status.json", {}) or {}
-        t = st.get("created_at") or st.get("started_at")
+        st = read_json(p / "status.json", {})
+        t = (st.get("created_at") or st.get("started_at")) if isinstance(st, dict) else None  # a damaged one: its mtime
         if not isinstance(t, (int, float)):
             try:
                 t = (p / "config.json").stat().st_mtime

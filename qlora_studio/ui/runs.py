@@ -9,6 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..manager import RunBusy, get_manager
+from ..runs import RunError
 from .common import (display_path, esc, fmt_duration, fmt_num, notice, plot_template, read_json, run_folder, safe,
                      typed_array)
 from .live import empty_figure, live_runs
@@ -32,9 +33,11 @@ def runs_table():
 
     rows = []
     for r in get_manager().runs():
-        summary = read_json(Path(r.path) / "summary.json", {}) or {}
+        summary = read_json(Path(r.path) / "summary.json", {}) if r.state != "damaged" else {}
+        summary = summary if isinstance(summary, dict) else {}
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at)) if r.created_at else "-"
-        state = r.state + (" (resumable)" if r.resumable else "")
+        # a damaged run shows what is damaged ("damaged: status.json: ..."), so it can be repaired or deleted
+        state = (r.error if r.state == "damaged" and r.error else r.state) + (" (resumable)" if r.resumable else "")
         rows.append([r.name, state, r.model, display_path(r.data).rsplit("/", 1)[-1], fmt_num(r.final_loss),
                      fmt_num(r.eval_loss), _task_metric(summary), fmt_duration(r.runtime_s), started])
     df = pd.DataFrame(rows, columns=["run", "state", "model", "data", "final loss", "eval loss", "task eval",
@@ -60,7 +63,10 @@ def overlay(selected):
     configs = {}
     for i, name in enumerate(selected):
         folder = run_folder(name)
-        configs[name] = folder.config()
+        try:
+            configs[name] = folder.config()
+        except RunError as e:  # a damaged config.json: its curves are still shown, the reason in the table
+            configs[name] = {"config.json": e.why}
         view = live_runs.view(folder.path)
         view.refresh()
         color = PALETTE[i % len(PALETTE)]
