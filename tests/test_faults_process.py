@@ -94,6 +94,9 @@ def test_a_run_trained_by_another_process_cannot_be_resumed_or_deleted_until_it_
         assert owner is not None and owner["pid"] == proc.pid
         [record] = list_runs()
         assert record.state == "running"
+        from qlora_studio.ui.runs import runs_table
+
+        assert runs_table()[0]["state"][0] == f"training in another process (process {proc.pid} on this machine)"
 
         with pytest.raises(RunBusy, match=f"owned is training in another process \\(process {proc.pid}"):
             RunManager().resume("owned")

@@ -13,7 +13,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app: no te
 
 import gradio as gr  # noqa: E402
 
-from . import chat, data, gradio_compat, hardware, help, runs, train  # noqa: E402
+from . import chat, data, gradio_compat, hardware, help, runs, security, train  # noqa: E402
 from .common import MAX_UPLOAD_MB  # noqa: E402
 
 DEFAULT_HOST = "127.0.0.1"
@@ -107,7 +107,7 @@ def theme():
 def launch_options() -> dict:
     """What `launch()` needs besides host, port, share and auth (gradio 6 takes theme and css here)."""
     return dict(theme=theme(), css=CSS, max_file_size=f"{MAX_UPLOAD_MB}mb", show_error=False,
-                footer_links=["settings"], app_kwargs={"middleware": gradio_compat.middleware()})
+                footer_links=["settings"], app_kwargs={"middleware": gradio_compat.middleware() + security.middleware()})
 
 
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, share: bool = False,

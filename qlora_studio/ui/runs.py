@@ -3,12 +3,14 @@ or interrupted run; delete with confirmation."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import gradio as gr
 
 from ..manager import RunBusy, get_manager
+from ..ownership import describe, run_owner
 from ..runs import RunError
 from .common import (display_path, esc, fmt_duration, fmt_num, notice, plot_template, read_json, run_folder, safe,
                      typed_array)
@@ -38,6 +40,9 @@ def runs_table():
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at)) if r.created_at else "-"
         # a damaged run shows what is damaged ("damaged: status.json: ..."), so it can be repaired or deleted
         state = (r.error if r.state == "damaged" and r.error else r.state) + (" (resumable)" if r.resumable else "")
+        owner = run_owner(Path(r.path)) if r.state == "running" else None
+        if owner and owner.get("pid") != os.getpid():  # watch it here; resume and delete are refused
+            state = f"training in another process ({describe(owner)})"
         rows.append([r.name, state, r.model, display_path(r.data).rsplit("/", 1)[-1], fmt_num(r.final_loss),
                      fmt_num(r.eval_loss), _task_metric(summary), fmt_duration(r.runtime_s), started])
     df = pd.DataFrame(rows, columns=["run", "state", "model", "data", "final loss", "eval loss", "task eval",
