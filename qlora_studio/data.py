@@ -381,7 +381,9 @@ def tokenize_example(tokenizer, ex: Example, max_len: int) -> dict:
             "length": len(ids), "truncated": truncated}
 
 
-def _tokenize_all(tokenizer, examples: list[Example], max_seq_len: int, report: DataReport) -> list[dict]:
+def tokenize_all(tokenizer, examples: list[Example], max_seq_len: int, report: DataReport) -> list[dict]:
+    """`tokenize_example` for each example; one the chat template or the tokenizer fails on is left out
+    and reported in ``report.errors`` (its line, its field)."""
     rows, failed = [], []
     for ex in examples:
         try:
@@ -414,7 +416,7 @@ def prepare_dataset(path: str | Path, tokenizer, max_seq_len: int, eval_fraction
 
     ensure_chat_template(tokenizer)
     examples, report = load_examples(path, fmt, row_char_limit(max_seq_len))
-    rows = _tokenize_all(tokenizer, examples, max_seq_len, report)
+    rows = tokenize_all(tokenizer, examples, max_seq_len, report)
     no_target = sum(1 for r in rows if all(label == IGNORE_INDEX for label in r["labels"]))
     rows = [r for r in rows if any(label != IGNORE_INDEX for label in r["labels"])]
     if no_target:

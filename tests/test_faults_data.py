@@ -114,6 +114,29 @@ def test_a_row_the_chat_template_rejects_is_skipped_not_fatal(tmp_path, embedded
         prepare_dataset(_write(tmp_path / "all.jsonl", [boom, boom]), tok, 64)
 
 
+def test_the_data_tab_reports_a_row_the_chat_template_rejects(tmp_path, embedded_path):
+    """The Data tab tokenizes as training does: the row is listed as skipped, the page still renders."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from qlora_studio.ui.data import check
+
+    model = tmp_path / "strict-template"
+    shutil.copytree(embedded_path, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = ("{% for m in messages %}{% if m['content'] == 'BOOM' %}{{ raise_exception('no BOOM here') }}"
+                         "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    tok.save_pretrained(model)
+    boom = {"messages": [{"role": "user", "content": "BOOM"}, {"role": "assistant", "content": "a"}]}
+    path = _write(tmp_path / "d.jsonl", [boom, CHAT_GOOD, CHAT_GOOD])
+    summary, errors, *_ = check(str(path), str(model), 512, None)
+    assert "<b>2</b> usable of 3 rows" in summary
+    assert "1 rows skipped" in errors and "d.jsonl:1 messages: the chat template or the tokenizer failed" in errors
+    assert "no BOOM here" in errors
+
+
 # ---------------------------------------------------------------- 6: encodings
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..data import IGNORE_INDEX, assistant_spans, load_examples, tokenize_example
+from ..data import IGNORE_INDEX, DataError, assistant_spans, load_examples, tokenize_all, tokenize_example
 from .common import (DATA_SUFFIXES, MAX_UPLOAD_MB, MODEL_CHOICES, SAMPLES, data_choices, display_path, esc,
                      keep_upload, notice, plot_template, resolve_data_path, safe, tokenizer_for)
 
@@ -106,13 +106,17 @@ def check(source: str, model: str, max_len, row, progress=gr.Progress()):
         raise ValueError("sequence length: at least 16 tokens")
     progress(0.05, desc="reading the file")
     examples, report = load_examples(path)
-    summary = [f"<b>{esc(display_path(path))}</b>: format <b>{esc(report.format)}</b>, "
-               f"<b>{report.usable}</b> usable of {report.rows} rows"]
     progress(0.2, desc=f"loading the {model} tokenizer")
     tok = tokenizer_for(model)
     progress(0.4, desc="counting tokens")
-    sample = examples[:MAX_TOKENIZED]
-    lengths = [tokenize_example(tok, ex, 10**9)["length"] for ex in sample]
+    # as training does: a row the chat template or the tokenizer fails on is reported and left out
+    lengths = [r["length"] for r in tokenize_all(tok, examples[:MAX_TOKENIZED], 10**9, report)]
+    failed = {i.line for i in report.errors}
+    examples = [ex for ex in examples if ex.line not in failed]
+    if not examples:
+        raise DataError(f"no usable rows in {path}; first problem: {report.errors[0].format(str(path))}")
+    summary = [f"<b>{esc(display_path(path))}</b>: format <b>{esc(report.format)}</b>, "
+               f"<b>{report.usable}</b> usable of {report.rows} rows"]
     truncated = sum(1 for n in lengths if n > max_len)
     summary.append(f"{truncated} of {len(lengths)} examples are longer than {max_len} tokens and will be cut"
                    if truncated else f"every example fits in {max_len} tokens")
