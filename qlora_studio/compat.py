@@ -74,3 +74,20 @@ def import_training_stack() -> None:
         for name in ("LoraConfig", "PeftModel", "get_peft_model", "set_peft_model_state_dict"):
             getattr(peft, name)
         _stack_ready = True
+
+
+# ------------------------------------------------------------------ transformers: a checkpoint outside the loop
+#
+# A stop asked for during an evaluation abandons it by raising from a callback (`callback.StopDuringEvaluation`),
+# which leaves the Trainer's loop; the checkpoint that a stop promises is then saved with the Trainer's own
+# `_save_checkpoint(model, trial)`, the method its loop calls (a private API: tested with transformers 5.24,
+# where it writes the adapter, optimizer, scheduler, RNG and trainer_state.json as a loop save does).
+
+
+def save_checkpoint_now(trainer) -> bool:
+    """Save a full checkpoint of ``trainer`` at its current step; False where the method is not there."""
+    save = getattr(trainer, "_save_checkpoint", None)
+    if save is None:
+        return False
+    save(trainer.model, trial=None)
+    return True

@@ -107,9 +107,13 @@ class RunManager:
 
     def stop(self) -> bool:
         """Ask the active run to stop at the end of its current step (it saves a checkpoint)."""
-        if self.active() is None:
+        run = self.active()
+        if run is None:
             return False
         self._stop.set()
+        phase = run.status(self.live_pids()).get("phase") or "training"
+        if not phase.startswith("stopping"):  # shown at once; the training thread says what it waits for next
+            run.set_status("running", phase="stopping" if phase == "training" else f"stopping: {phase}")
         return True
 
     def wait(self, timeout: float | None = None) -> dict | None:

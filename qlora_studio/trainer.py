@@ -14,115 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+from .callback import StopDuringEvaluation, callback_class, log_finding, peak_memory_mb
 from .config import TrainConfig
-from .diskspace import check_before_save
 from .errors import StudioError, TrainingError
 from .plan import Machine, RunPlan, plan_run
 from .runs import RunFolder, checkpoint_step, read_metrics_from
-
-
-def peak_memory_mb(device: str) -> dict:
-    if device == "cuda":
-        import torch
-
-        return {"memory_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
-                "memory_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
-    try:  # the process's peak resident memory (Linux)
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return {"memory_rss_mb": int(line.split()[1]) / 1024}
-    except OSError:
-        pass
-    return {}
-
-
-def callback_class():
-    from transformers import TrainerCallback
-
-    class StudioCallback(TrainerCallback):
-        """Writes metrics.jsonl, honours stop requests, keeps status.json current, and feeds each
-        record to a `Diagnoser`: its findings go to train.log, and a NaN/inf stops the run at once
-        without evaluating or saving the poisoned state (``self.nonfinite`` holds that finding)."""
-
-        def __init__(self, run: RunFolder, stop_event: threading.Event, device: str, log=print, diagnoser=None):
-            self.run = run
-            self.stop_event = stop_event
-            self.device = device
-            self.log = log
-            self.diagnoser = diagnoser
-            self.last_time = None
-            self.last_tokens = 0
-            self.stopped = False
-            self.nonfinite = None
-            self.disk_full = None  # why a save was refused for lack of space
-            self.start_time = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.last_time = self.start_time = time.time()
-            self.last_tokens = state.num_input_tokens_seen
-            self.run.set_status("running", max_steps=state.max_steps, step=state.global_step,
-                                started_at=self.run.status().get("started_at") or time.time())
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = dict(logs or {})
-            now = time.time()
-            rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": now}
-            if "eval_loss" in logs:
-                rec["type"] = "eval"
-                rec.update({k: v for k, v in logs.items() if k.startswith("eval_")})
-            elif "loss" in logs:
-                rec["type"] = "train"
-                rec["loss"] = logs["loss"]
-                rec["lr"] = logs.get("learning_rate")
-                rec["grad_norm"] = logs.get("grad_norm")
-                tokens = state.num_input_tokens_seen
-                dt = now - (self.last_time or now)
-                rec["tokens"] = tokens
-                rec["tokens_per_s"] = (tokens - self.last_tokens) / dt if dt > 0 else None
-                rec.update(peak_memory_mb(self.device))
-                self.last_time, self.last_tokens = now, tokens
-            else:
-                return
-            self.run.append_metrics(rec)
-            if rec["type"] == "train":
-                self.log(f"step {rec['step']}/{state.max_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
-                         f"grad_norm {rec['grad_norm'] if rec['grad_norm'] is None else round(rec['grad_norm'], 3)} "
-                         f"tok/s {rec['tokens_per_s'] or 0:.0f}")
-            else:
-                self.log(f"eval at step {rec['step']}: eval_loss {rec['eval_loss']:.4f}")
-            if self.diagnoser is None:
-                return
-            for finding in self.diagnoser.add(rec):
-                log_finding(self.log, finding)
-            if self.diagnoser.stop_reason is not None and self.nonfinite is None:
-                self.nonfinite = self.diagnoser.stop_reason
-                control.should_training_stop = True
-                control.should_save = False  # the weights after this step are not worth keeping
-                control.should_evaluate = False
-                self.log(f"stopping at step {state.global_step}: non-finite values; nothing more is saved")
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.stop_event.is_set() and not self.stopped:
-                self.stopped = True
-                control.should_training_stop = True
-                control.should_save = True
-                self.log(f"stop requested: saving a checkpoint at step {state.global_step}")
-            if control.should_save:  # before the Trainer writes it: is there room?
-                problem = check_before_save(self.run.path, self.run.plan().get("plan") or {}, self.run.last_checkpoint())
-                if problem:
-                    self.disk_full = f"{problem}; stopped at step {state.global_step} without saving it"
-                    control.should_save = control.should_evaluate = False
-                    control.should_training_stop = True
-                    self.log(self.disk_full)
-            return control
-
-    return StudioCallback
-
-
-def log_finding(log, finding) -> None:
-    log(f"finding ({finding.severity}) {finding.kind} at step {finding.step}: {finding.message}")
-    for i, fix in enumerate(finding.fixes, 1):
-        log(f"  fix {i}: {fix.title}" + (f" {fix.changes}" if fix.changes else ""))
 
 
 def load_init_adapter(model, path: str, log) -> None:
@@ -339,7 +235,8 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
                            "total_params": n_params, "trainable_share": trainable / n_params})
 
     diagnoser = Diagnoser(settings_view(stored, run.plan()))
-    callback = callback_class()(run, stop_event, plan.device, log, diagnoser)
+    eval_batches = math.ceil(len(data.eval) / plan.batch_size) if data.eval is not None else None
+    callback = callback_class()(run, stop_event, plan.device, log, diagnoser, eval_batches=eval_batches)
     trainer = studio_trainer_class()(model=model, args=_training_args(run, cfg, plan, schedule, data.eval is not None),
                                      train_dataset=data.train, eval_dataset=data.eval,
                                      data_collator=_collator(plan, tokenizer, model), processing_class=tokenizer,
@@ -360,12 +257,30 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
     total_steps = schedule["total_steps"]
     run.set_status("running", phase="training", total_steps=total_steps)
     if total_steps > 0:
-        result_metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
+        try:
+            result_metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
+        except StopDuringEvaluation:
+            result_metrics = _stopped_during_evaluation(trainer, callback, log)
     else:  # a run that starts from an adapter with nothing left to train: evaluate and keep it
         log("no steps left to train: evaluating the starting adapter and keeping it")
         result_metrics = {}
         trainer.state.global_step = 0
     return _finish(run, plan, trainer, callback, data, result_metrics, bool(resume_from), log)
+
+
+def _stopped_during_evaluation(trainer, callback, log) -> dict:
+    """A stop asked for in the middle of an evaluation: the evaluation is abandoned (its step's training
+    is complete) and a checkpoint is saved, as a stop at the end of a step does."""
+    from .compat import save_checkpoint_now
+
+    callback.stopped = True
+    step = trainer.state.global_step
+    log(f"stop requested during an evaluation: abandoned it; saving a checkpoint at step {step}")
+    callback.run.set_status("running", phase="stopping: saving checkpoint", eval_done=None, eval_total=None)
+    trainer.model.train()
+    if not save_checkpoint_now(trainer):
+        log("this transformers version cannot save a checkpoint outside its loop: the run resumes from the last one")
+    return {"train_runtime": time.time() - callback.start_time}
 
 
 def _finish(run: RunFolder, plan: RunPlan, trainer, callback, data, result_metrics: dict, resumed: bool, log) -> dict:
@@ -398,6 +313,7 @@ def _finish(run: RunFolder, plan: RunPlan, trainer, callback, data, result_metri
         records, _ = read_metrics_from(run.metrics_path)
         evals = [r for r in records if r.get("type") == "eval"]
         if (not evals or evals[-1]["step"] != step) and not callback.stopped:
+            run.set_status("running", phase="final evaluation", eval_done=None, eval_total=None)
             final_eval = trainer.evaluate()  # a stopped run reports its last evaluation instead: stopping stays quick
         elif evals:
             final_eval = {k: v for k, v in evals[-1].items() if k.startswith("eval_")}

@@ -106,13 +106,14 @@ def run_training(run: RunFolder, stop_event: threading.Event | None = None, resu
     stop_event = stop_event or threading.Event()
     log = run_log(run, echo)
     reserve(run.path)  # again: a run that failed for lack of space gave its reserve up
+    clock_start = time.time()  # the page's one clock for this start (or resume) of the run
     recovered = 0
     while True:
         cfg = device = None
         try:
             stored, cfg = _stored_config(run)
             device = run.plan()["plan"]["device"]
-            run.set_status("running", phase="loading model", device=device)
+            run.set_status("running", phase="loading model", device=device, clock_start=clock_start)
             return train(run, cfg, stored, stop_event, resume, log, list(extra_callbacks or []))
         except Exception as e:  # recorded, not raised: the app and other runs must survive it
             oom, full = is_oom(e), is_disk_full(e)

@@ -33,7 +33,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 SHOTS = ROOT / "artifacts" / "screenshots"
 RUN_NAME = "ui-journey"
 # A run long enough to still be going when we stop it; small enough to step in about a second on a CPU.
-RUN_SETTINGS = {"#f-max-steps": "400", "#f-batch-size": "2", "#f-max-seq-len": "128", "#f-eval-fraction": "0"}
+# Half the sample held out, evaluated one example at a time every 2 steps: the evaluation at step 2 lasts long
+# enough (~150 batches) for the page to show it and for Stop to land in it.
+RUN_SETTINGS = {"#f-max-steps": "10", "#f-batch-size": "1", "#f-max-seq-len": "256", "#f-eval-fraction": "0.5"}
 
 
 def _free_port() -> int:
@@ -228,13 +230,14 @@ def test_training_runs_live_refuses_a_second_start_and_stops(page):
         fill_number(page, sel, value)
     page.locator("#f-quant label", has_text="none").click()  # 16-bit: a CPU trains this far faster than 4-bit
     page.locator("#run-name-input textarea, #run-name-input input").first.fill(RUN_NAME)
-    wait_for(lambda: "max_steps: 400" in page.locator("#resolved").inner_text(), 30, "the resolved settings")
+    wait_for(lambda: "max_steps: 10" in page.locator("#resolved").inner_text(), 30, "the resolved settings")
     page.click("#start")
     wait_for(lambda: "Started" in page.locator("#train-notice").inner_text(), 60, "the run to start")
     wait_for(lambda: page.locator("#run-name").count() and page.locator("#run-name").inner_text() == RUN_NAME,
              30, "the live view to show the run")
-    first = wait_for(lambda: plot_points(page, "loss-plot"), 240, "the first point on the loss plot")
-    wait_for(lambda: plot_points(page, "loss-plot") > first, 120, "the loss plot to gain points")
+    wait_for(lambda: plot_points(page, "loss-plot"), 240, "the first point on the loss plot")
+    progress = page.locator(".qs-progress").first.inner_text()
+    assert "ETA" in progress and "ETA -" not in progress, f"an ETA from the first step: {progress}"
     assert page.locator("#run-state").inner_text() == "running"
     from qlora_studio.hardware import probe_gpus
 
@@ -244,11 +247,19 @@ def test_training_runs_live_refuses_a_second_start_and_stops(page):
     wait_for(lambda: "already training" in page.locator("#train-notice").inner_text(), 30, "a polite refusal")
     assert RUN_NAME in page.locator("#train-notice").inner_text()
     shot(page, "train-running")
+    # The evaluation at step 2 is shown as a phase with its progress; Stop abandons it.
+    wait_for(lambda: page.locator("#run-phase").count() and "evaluating" in page.locator("#run-phase").inner_text(),
+             240, "the evaluation phase")
+    assert "batch" in page.locator("#run-phase").inner_text()
+    shot(page, "train-evaluating")
     page.click("#stop")
-    wait_for(lambda: "Stopping" in page.locator("#train-notice").inner_text(), 30, "the stop request")
-    wait_for(lambda: page.locator("#run-state").inner_text() == "stopped", 180, "the run to stop")
-    assert plot_points(page, "loss-plot") >= 2
-    assert "stopped at step" in page.locator("#run-log textarea").input_value()
+    wait_for(lambda: "Stopping" in page.locator("#train-notice").inner_text()
+             or "stopping" in page.locator("#run-phase").inner_text(), 30, "the stop request")
+    wait_for(lambda: page.locator("#run-state").inner_text() == "stopped", 120, "the run to stop")
+    wait_for(lambda: plot_points(page, "loss-plot") >= 2, 90, "both steps on the loss plot")
+    log = page.locator("#run-log textarea").input_value()
+    assert "stop requested during an evaluation" in log and "stopped at step 2" in log
+    assert page.locator("#train-notice").inner_text().strip() == "", "no stale 'Stopping ...' once it stopped"
     panel = page.locator("#findings").inner_text()
     assert panel.strip(), "the findings panel says something (findings, or that nothing looks wrong)"
     page.locator("#advanced button.label-wrap, #advanced > button").first.click()  # fold it for the screenshot

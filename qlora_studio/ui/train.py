@@ -167,22 +167,29 @@ def progress_html(view, status: dict, plan_doc: dict) -> str:
     step = last.get("step") or 0
     if state != "running":
         step = max(step, status.get("step") or 0)
-    started = status.get("started_at") or status.get("created_at")
+    # one clock: from this start (or resume) of the run, through loading, training and saving
+    started = status.get("clock_start") or status.get("created_at")
     end = status.get("finished_at") if state != "running" else time.time()
     elapsed = (end - started) if (started and end) else None
-    if state == "running" and not last and status.get("phase") != "training":
+    phase = status.get("phase") if state == "running" else None
+    if state == "running" and not last and phase not in ("training", "evaluating") and "evaluating" not in str(phase):
         return ('<div class="qs-progress"><div class="qs-bar qs-bar-busy"><div></div></div>'
-                f'<div class="qs-muted">{esc(status.get("phase") or "starting")} … elapsed {fmt_duration(elapsed)}</div></div>')
+                f'<div class="qs-muted" id="run-phase">{esc(phase or "starting")} … elapsed {fmt_duration(elapsed)}'
+                '</div></div>')
     pct = min(100.0, 100.0 * step / total) if total else 0.0
     eta = "-"
     if state == "running" and total:
-        sps = view.seconds_per_step()
+        sps = view.seconds_per_step() or _first_steps_pace(last, status)
         if sps:
             eta = fmt_duration(sps * max(0, total - step))
     elif state == "completed":
         eta = "done"
     parts = [f'step <b id="run-step">{step}</b> / {total or "?"}', f"epoch {fmt_num(last.get('epoch'), 2)}",
              f"elapsed {fmt_duration(elapsed)}", f"ETA {eta}"]
+    if phase and phase != "training":
+        done, of = status.get("eval_done"), status.get("eval_total")
+        batches = f" (batch {done} of {of})" if "evaluating" in phase and done is not None and of else ""
+        parts.insert(0, f'<b id="run-phase">{esc(phase)}{batches}</b>')
     if last.get("loss") is not None:
         parts.append(f"loss {fmt_num(last['loss'])}")
     if view.last_eval and view.last_eval.get("eval_loss") is not None:
@@ -195,10 +202,20 @@ def progress_html(view, status: dict, plan_doc: dict) -> str:
             f'<div>{" · ".join(parts)}</div>{pace}</div>')
 
 
+def _first_steps_pace(last: dict, status: dict) -> float | None:
+    """Seconds per step from the training's start to its first logged steps (before the recent-steps
+    pace has two points)."""
+    since, from_step = status.get("training_since"), status.get("training_from_step") or 0
+    t, step = last.get("time"), last.get("step")
+    if isinstance(since, (int, float)) and isinstance(t, (int, float)) and isinstance(step, int) and step > from_step:
+        return max(0.0, t - since) / (step - from_step)
+    return None
+
+
 # The live view's outputs, by name: `poll` returns a dict of those that changed (`wire` maps the names to
 # the components), so nothing depends on their order.
 LIVE_OUTPUTS = ("header", "progress", "loss", "dynamics", "log", "findings", "fix", "fix_row", "watched", "seen",
-                "timer")
+                "timer", "notice")
 
 
 def _idle_outputs(seen) -> dict:
@@ -267,8 +284,10 @@ def poll(watched, seen) -> dict:
     head_key = [state, status.get("phase"), status.get("error"), bool((plan_doc.get("model") or {}))]
     if seen.get("head") != head_key:
         out["header"] = header_html(run.path, status, config, plan_doc)
+        if "head" in seen:  # "Started ...", "Stopping ...": answers to an action, stale once the run moves on
+            out["notice"] = ""
         seen["head"] = head_key
-    prog_key = [state, view.version, status.get("step"), status.get("phase")]
+    prog_key = [state, view.version, status.get("step"), status.get("phase"), status.get("eval_done")]
     if state == "running" or seen.get("prog") != prog_key:
         out["progress"] = progress_html(view, status, plan_doc)
         seen["prog"] = prog_key
@@ -439,7 +458,8 @@ def wire(ctx) -> None:
     ctx.demo.load(resolve, form, ctx.tr_resolved, show_progress="hidden")
 
     live = dict(zip(LIVE_OUTPUTS, [ctx.tr_header, ctx.tr_progress, ctx.tr_loss, ctx.tr_dyn, ctx.tr_log, ctx.tr_findings,
-                                   ctx.tr_fix, ctx.tr_fix_row, ctx.tr_watched, ctx.tr_seen, ctx.tr_timer]))
+                                   ctx.tr_fix, ctx.tr_fix_row, ctx.tr_watched, ctx.tr_seen, ctx.tr_timer,
+                                   ctx.tr_notice]))
     poll_safe = safe(lambda msg: {"header": notice(msg, "error")})(poll)
     ctx.tr_timer.tick(_by_component(live, poll_safe), [ctx.tr_watched, ctx.tr_seen], list(live.values()),
                       show_progress="hidden", queue=False, trigger_mode="always_last")
