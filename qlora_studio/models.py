@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,16 @@ def import_gguf(gguf_path: str | os.PathLike, dest_root: Path | None = None) -> 
     dest = root / f"gguf-{stem}-{digest}"
     if (dest / "config.json").is_file():
         return dest
+    with _import_lock:  # one conversion at a time: the app converts the embedded model at launch
+        if (dest / "config.json").is_file():
+            return dest
+        return _convert_gguf(gguf_path, root, dest, digest)
 
+
+_import_lock = threading.Lock()
+
+
+def _convert_gguf(gguf_path: Path, root: Path, dest: Path, digest: str) -> Path:
     from .compat import import_training_stack
 
     import_training_stack()

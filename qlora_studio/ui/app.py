@@ -110,6 +110,24 @@ def launch_options() -> dict:
                 footer_links=["settings"], app_kwargs={"middleware": gradio_compat.middleware() + security.middleware()})
 
 
+def warm_up() -> None:
+    """What the first visit to the Data or Train tab would otherwise wait for: the training stack's import
+    and, the first time, the embedded model's conversion (said in the terminal, with its duration)."""
+    import time
+
+    from ..compat import import_training_stack
+    from ..models import ModelError, embedded_model_path
+
+    try:
+        import_training_stack()
+        t0 = time.monotonic()
+        path = embedded_model_path()
+        if time.monotonic() - t0 > 2:
+            print(f"embedded model ready ({time.monotonic() - t0:.0f} s, once): {path}", flush=True)
+    except ModelError as e:  # the page says so where the model is used
+        print(f"embedded model not available: {e}", file=sys.stderr, flush=True)
+
+
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, share: bool = False,
           auth: tuple[str, str] | None = None) -> None:
     """Build and serve the app until Ctrl-C; a run still training is stopped cleanly (checkpoint saved)."""
@@ -123,11 +141,10 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, share: bool = Fals
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
-    from ..compat import import_training_stack
-
-    # Import the training stack now, in one thread, so the first tab that needs it does not wait for
-    # it (and no two handlers ever import it at once; see `compat.import_training_stack`).
-    threading.Thread(target=import_training_stack, name="import-stack", daemon=True).start()
+    # Import the training stack and convert the embedded model now, in one background thread, so the
+    # first tab that needs them does not sit silent for a minute (and no two handlers ever import or
+    # convert at once; see `compat.import_training_stack` and `models.import_gguf`).
+    threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
     demo = build_app()
     print(f"QLoRA Studio: http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}  (Ctrl-C stops it)",
           flush=True)
