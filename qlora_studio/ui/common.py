@@ -142,6 +142,16 @@ def gib(n: float | int | None) -> str:
     return "?" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+def fmt_size(n: int) -> str:
+    """Bytes for people: "812 bytes", "14.2 KB", "3.1 MB"."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit, scale in (("KB", 2**10), ("MB", 2**20), ("GB", 2**30)):
+        if n < 1024 * scale or unit == "GB":
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None or seconds != seconds or seconds < 0:
         return "-"

@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..data import IGNORE_INDEX, DataError, assistant_spans, load_examples, tokenize_all, tokenize_example
-from .common import (DATA_SUFFIXES, MAX_UPLOAD_MB, MODEL_CHOICES, SAMPLES, data_choices, display_path, esc,
+from .common import (DATA_SUFFIXES, MAX_UPLOAD_MB, MODEL_CHOICES, SAMPLES, data_choices, display_path, esc, fmt_size,
                      keep_upload, notice, plot_template, resolve_data_path, safe, tokenizer_for)
 
 MAX_TOKENIZED = 5000  # rows tokenized for the histogram (a random-free prefix of the file)
@@ -166,7 +166,7 @@ def on_upload(file_path):
         return gr.skip(), None, ""
     kept = keep_upload(file_path, Path(file_path).name)
     return (gr.Dropdown(choices=data_choices(), value=str(kept)), None,
-            notice(f"Uploaded {kept.name} ({kept.stat().st_size / 2**20:.1f} MB), kept in the studio's uploads folder.", "ok"))
+            notice(f"Uploaded {kept.name} ({fmt_size(kept.stat().st_size)}), kept in the studio's uploads folder.", "ok"))
 
 
 def build(ctx) -> None:

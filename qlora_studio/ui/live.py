@@ -242,6 +242,7 @@ def loss_figure(view: RunView) -> str:
             fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="eval loss",
                                      line=dict(color="#f97316", width=2, dash="dot"), marker=dict(size=8)))
         fig.update_layout(title="Loss", height=340, xaxis_title="step", template=plot_template(), **_LAYOUT)
+        fig.update_xaxes(tickformat="d", rangemode="tozero")  # steps are whole numbers
         return fig
 
     return _fill(_skeleton(("loss", has_eval, mode), build), [view.loss, view.eval_loss])
@@ -264,6 +265,9 @@ def dynamics_figure(view: RunView, estimate_mb: float | None = None) -> str:
                           annotation_text=f"estimated {estimate_mb / 1024:.1f} GiB", annotation_position="bottom right")
         fig.update_layout(height=420, template=plot_template(), **{**_LAYOUT, "margin": dict(l=56, r=16, t=40, b=36)})
         fig.update_xaxes(title_text="step", row=2)
+        fig.update_xaxes(tickformat="d", rangemode="tozero")  # steps are whole numbers
+        # memory from zero: a flat curve is not zoomed into a range of a few MiB
+        fig.update_yaxes(rangemode="tozero", row=2, col=2)
         return fig
 
     return _fill(_skeleton(("dynamics", view.memory_label, estimate_mb), build),

@@ -15,6 +15,7 @@ from ..runs import RunError
 from .common import (display_path, esc, fmt_duration, fmt_num, notice, plot_template, read_json, run_folder, safe,
                      typed_array)
 from .live import empty_figure, live_runs
+from .train import load_settings
 
 PALETTE = ["#4f46e5", "#f97316", "#10b981", "#ef4444", "#0ea5e9", "#8b5cf6", "#eab308", "#14b8a6"]
 # Keys of config.json that are bookkeeping rather than settings (left out of the diff).
@@ -121,6 +122,28 @@ def resume(selected):
     return msg, str(folder.path), gr.Tabs(selected="train"), msg
 
 
+def open_in_chat(selected):
+    """The selected run in the Chat tab (it needs an adapter: a completed or stopped run)."""
+    from .chat import chat_runs
+
+    name = _one(selected)
+    names = chat_runs()
+    if name not in names:
+        raise ValueError(f"{name} has no adapter to talk to yet (it saves one when it completes or is stopped)")
+    return gr.Dropdown(choices=names, value=name), gr.Tabs(selected="chat"), ""
+
+
+def settings_of(selected) -> tuple[dict, str]:
+    """The selected run's settings as it was given them (config.json), for the Train form."""
+    from ..config import TrainConfig
+
+    name = _one(selected)
+    config = run_folder(name).config()
+    known = TrainConfig.known()
+    return ({k: v for k, v in config.items() if k in known},
+            f"The settings of run {name} (change what you like, then Start: a new run).")
+
+
 def ask_delete(selected):
     selected = list(selected or [])
     if not selected:
@@ -156,6 +179,8 @@ def build(ctx) -> None:
     ctx.rn_select = gr.CheckboxGroup(label="Select runs (to compare, resume or delete)", choices=[], elem_id="runs-select")
     with gr.Row():
         ctx.rn_resume = gr.Button("Resume selected", elem_id="runs-resume")
+        ctx.rn_chat = gr.Button("Open in Chat", elem_id="runs-chat")
+        ctx.rn_load = gr.Button("Load its settings into Train", elem_id="runs-load")
         ctx.rn_delete = gr.Button("Delete selected …", variant="stop", elem_id="runs-delete")
     with gr.Row(visible=False, elem_id="runs-confirm") as confirm:
         ctx.rn_confirm_text = gr.Markdown()
@@ -178,6 +203,16 @@ def wire(ctx) -> None:
                          [ctx.rn_plot, ctx.rn_diff], trigger_mode="always_last")
     ctx.rn_resume.click(safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip(), gr.skip()))(resume), ctx.rn_select,
                         [ctx.rn_notice, ctx.tr_watched, ctx.tabs, ctx.tr_notice])
+    ctx.rn_chat.click(safe(lambda msg: (gr.skip(), gr.skip(), notice(msg, "error")))(open_in_chat), ctx.rn_select,
+                      [ctx.ch_run, ctx.tabs, ctx.rn_notice])
+
+    def load(selected):
+        settings, description = settings_of(selected)
+        return {**load_settings(ctx, settings, description), ctx.tabs: gr.Tabs(selected="train"), ctx.rn_notice: ""}
+
+    form = [ctx.tr_preset_settings, ctx.tr_preset_desc, ctx.tr_data, ctx.tr_resolved] + ctx.tr_fields
+    ctx.rn_load.click(safe(lambda msg: {ctx.rn_notice: notice(msg, "error")})(load), ctx.rn_select,
+                      form + [ctx.tabs, ctx.rn_notice])
     ctx.rn_delete.click(safe(lambda msg: (gr.Row(visible=False), gr.skip(), notice(msg, "error")))(ask_delete),
                         ctx.rn_select, [ctx.rn_confirm_row, ctx.rn_confirm_text, ctx.rn_notice])
     ctx.rn_cancel.click(lambda: gr.Row(visible=False), None, ctx.rn_confirm_row, queue=False)

@@ -66,9 +66,24 @@ def preset_values(name: str) -> tuple[dict, dict, str]:
         raise ValueError(f"no preset named {name!r}; presets: {', '.join(presets)}")
     p = presets[name]
     settings = dict(p.settings)
+    return settings_values(settings), settings, p.description
+
+
+def settings_values(settings: dict) -> dict:
+    """The form's values (by setting name, and "data") for a set of settings: a preset's, or a run's."""
     values = {s.name: form_value(s, settings.get(s.name, s.default)) for s in FORM_SETTINGS}
     values["data"] = display_path(settings.get("data", ""))
-    return values, settings, p.description
+    return values
+
+
+def load_settings(ctx, settings: dict, description: str) -> dict:
+    """The Train form filled with ``settings`` (outputs by component: see `wire`'s ``preset_outputs``)."""
+    values = settings_values(settings)
+    field_values = [values[s.name] for s in FORM_SETTINGS]
+    out = {ctx.tr_preset_settings: settings, ctx.tr_preset_desc: description, ctx.tr_data: values["data"],
+           ctx.tr_resolved: resolved_yaml(settings, values["data"], "", *field_values)}
+    out.update(zip(ctx.tr_fields, field_values))
+    return out
 
 
 def settings_from_form(preset_settings: dict, data: str, name: str, values: list) -> dict:
@@ -215,7 +230,7 @@ def _first_steps_pace(last: dict, status: dict) -> float | None:
 # The live view's outputs, by name: `poll` returns a dict of those that changed (`wire` maps the names to
 # the components), so nothing depends on their order.
 LIVE_OUTPUTS = ("header", "progress", "loss", "dynamics", "log", "findings", "fix", "fix_row", "watched", "seen",
-                "timer", "notice")
+                "timer", "notice", "next_row")
 
 
 def _idle_outputs(seen) -> dict:
@@ -284,6 +299,8 @@ def poll(watched, seen) -> dict:
     head_key = [state, status.get("phase"), status.get("error"), bool((plan_doc.get("model") or {}))]
     if seen.get("head") != head_key:
         out["header"] = header_html(run.path, status, config, plan_doc)
+        # what to do next, once the run has an adapter to talk to
+        out["next_row"] = gr.Row(visible=state in ("completed", "stopped") and (run.adapter / "adapter_config.json").is_file())
         if "head" in seen:  # "Started ...", "Stopping ...": answers to an action, stale once the run moves on
             out["notice"] = ""
         seen["head"] = head_key
@@ -415,6 +432,11 @@ def build(ctx) -> None:
     gr.Markdown("### Live run")
     ctx.tr_header = gr.HTML(elem_id="run-header")
     ctx.tr_progress = gr.HTML(elem_id="run-progress")
+    with gr.Row(visible=False, elem_id="run-next") as ctx.tr_next_row:
+        gr.Markdown("Its adapter is saved: talk to it beside the base model, or compare it with other runs.")
+        ctx.tr_to_chat = gr.Button("Talk to it in Chat", elem_id="train-to-chat", variant="primary", scale=0,
+                                   min_width=180)
+        ctx.tr_to_runs = gr.Button("Compare in Runs", elem_id="train-to-runs", scale=0, min_width=160)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             ctx.tr_loss = gr.Plot(label="Loss", elem_id="loss-plot", show_label=False)
@@ -444,12 +466,8 @@ def wire(ctx) -> None:
     resolve = safe(lambda msg: f"# {msg}\n")(resolved_yaml)
 
     def pick_preset(name):
-        values, settings, description = preset_values(name)
-        field_values = [values[s.name] for s in FORM_SETTINGS]
-        out = {ctx.tr_preset_settings: settings, ctx.tr_preset_desc: description, ctx.tr_data: values["data"],
-               ctx.tr_resolved: resolved_yaml(settings, values["data"], "", *field_values)}
-        out.update(zip(ctx.tr_fields, field_values))
-        return out
+        _, settings, description = preset_values(name)
+        return load_settings(ctx, settings, description)
 
     preset_outputs = [ctx.tr_preset_settings, ctx.tr_preset_desc, ctx.tr_data, ctx.tr_resolved] + ctx.tr_fields
     ctx.tr_preset.input(safe(lambda msg: {ctx.tr_resolved: f"# {msg}\n"})(pick_preset), ctx.tr_preset, preset_outputs)
@@ -459,7 +477,7 @@ def wire(ctx) -> None:
 
     live = dict(zip(LIVE_OUTPUTS, [ctx.tr_header, ctx.tr_progress, ctx.tr_loss, ctx.tr_dyn, ctx.tr_log, ctx.tr_findings,
                                    ctx.tr_fix, ctx.tr_fix_row, ctx.tr_watched, ctx.tr_seen, ctx.tr_timer,
-                                   ctx.tr_notice]))
+                                   ctx.tr_notice, ctx.tr_next_row]))
     poll_safe = safe(lambda msg: {"header": notice(msg, "error")})(poll)
     ctx.tr_timer.tick(_by_component(live, poll_safe), [ctx.tr_watched, ctx.tr_seen], list(live.values()),
                       show_progress="hidden", queue=False, trigger_mode="always_last")
@@ -470,5 +488,21 @@ def wire(ctx) -> None:
     on_error = safe(lambda msg: {"notice": notice(msg, "error")})
     ctx.tr_start.click(_by_component(acted, on_error(start)), form, list(acted.values()), concurrency_limit=1)
     ctx.tr_stop.click(safe(lambda msg: notice(msg, "error"))(stop), None, ctx.tr_notice)
+
+    def to_chat(watched):
+        from .chat import chat_runs
+
+        name = Path(watched).name if watched else None
+        return gr.Dropdown(choices=chat_runs(), value=name), gr.Tabs(selected="chat")
+
+    ctx.tr_to_chat.click(to_chat, ctx.tr_watched, [ctx.ch_run, ctx.tabs])
+    def to_runs(watched):
+        from .runs import runs_table
+
+        df, names = runs_table()
+        name = Path(watched).name if watched else None
+        return gr.Tabs(selected="runs"), df, gr.CheckboxGroup(choices=names, value=[name] if name in names else [])
+
+    ctx.tr_to_runs.click(to_runs, ctx.tr_watched, [ctx.tabs, ctx.rn_table, ctx.rn_select])
     ctx.tr_apply.click(_by_component(acted, on_error(apply_fix)), [ctx.tr_watched, ctx.tr_fix], list(acted.values()),
                        concurrency_limit=1)
