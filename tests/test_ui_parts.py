@@ -465,3 +465,34 @@ def test_a_run_started_from_the_form_runs_the_plan_its_preview_showed(studio_hom
     assert doc["plan"] == preview.to_dict(), "plan.json is the plan the preview showed"
     assert doc["adjustments"] == [] and doc["checks"]["packing"].startswith("packed logits match")
     assert run.config()["rank"] is None and run.config()["max_steps"] == 2  # the settings as given
+
+
+def test_runs_open_a_run_in_chat_and_load_its_settings_into_train(studio_home, toy_data):
+    from qlora_studio.runs import RunFolder
+    from qlora_studio.ui import runs as runs_tab
+    from qlora_studio.ui.train import FORM_SETTINGS, settings_values
+
+    done = RunFolder(studio_home / "runs" / "done")
+    (done.adapter).mkdir(parents=True)
+    (done.adapter / "adapter_config.json").write_text("{}")
+    done.write_config({"model": "embedded", "data": str(toy_data), "rank": 8, "learning_rate": 5e-4,
+                       "max_steps": 30, "data_sha256": "x"})
+    done.set_status("completed")
+    bare = RunFolder(studio_home / "runs" / "bare")
+    bare.path.mkdir()
+    bare.write_config({"model": "embedded", "data": str(toy_data)})
+    bare.set_status("failed", error="boom")
+
+    dropdown, tabs, note = runs_tab.open_in_chat(["done"])
+    assert dropdown.value == "done" and tabs.selected == "chat" and note == ""
+    with pytest.raises(ValueError, match="bare has no adapter to talk to yet"):
+        runs_tab.open_in_chat(["bare"])
+    with pytest.raises(ValueError, match="select exactly one run"):
+        runs_tab.open_in_chat(["done", "bare"])
+
+    settings, description = runs_tab.settings_of(["done"])
+    assert "data_sha256" not in settings and settings["rank"] == 8 and "run done" in description
+    values = settings_values(settings)
+    by_name = {s.name: s for s in FORM_SETTINGS}
+    assert values["rank"] == 8 and values["learning_rate"] == 5e-4 and values["max_steps"] == 30
+    assert values["data"].endswith("toy.jsonl") and set(values) == set(by_name) | {"data"}
