@@ -32,7 +32,13 @@ def launches(monkeypatch) -> list:
     from qlora_studio.manager import RunManager
 
     started = []
-    monkeypatch.setattr(RunManager, "_launch", lambda self, run, resume, echo: started.append((run.name, resume)))
+
+    def launch(self, run, resume, echo, locks=()):
+        started.append((run.name, resume))
+        for lock in locks:  # what the training thread does when it ends
+            lock.release()
+
+    monkeypatch.setattr(RunManager, "_launch", launch)
     return started
 
 
