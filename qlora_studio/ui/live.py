@@ -218,12 +218,24 @@ def _skeleton(key: tuple, build) -> dict:
         return _skeletons[key]
 
 
+def _step_tick(last_step: float) -> int:
+    """A whole-number tick spacing (1, 2, 5, 10, 20, 50, ...) giving at most ~8 ticks up to ``last_step``."""
+    tick = 1
+    while last_step / tick > 8:
+        tick = tick * 5 // 2 if str(tick)[0] == "2" else tick * 2
+    return tick
+
+
 def _fill(skeleton: dict, series: list[Series]) -> str:
-    data = []
+    data, last = [], 1
     for trace, s in zip(skeleton["data"], series):
         xs, ys = s.points()
+        last = max([last] + [x for x in xs if isinstance(x, (int, float))])
         data.append(dict(trace, x=typed_array(xs), y=typed_array(ys)))
-    return json.dumps({"data": data, "layout": skeleton["layout"]}, separators=(",", ":"))
+    # steps are whole numbers: ticks at whole steps only (plotly's own choice on a short run is 0.5 apart)
+    tick = _step_tick(last)
+    layout = {k: (dict(v, dtick=tick, tick0=0) if k.startswith("xaxis") else v) for k, v in skeleton["layout"].items()}
+    return json.dumps({"data": data, "layout": layout}, separators=(",", ":"))
 
 
 def loss_figure(view: RunView) -> str:
@@ -242,7 +254,7 @@ def loss_figure(view: RunView) -> str:
             fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="eval loss",
                                      line=dict(color="#f97316", width=2, dash="dot"), marker=dict(size=8)))
         fig.update_layout(title="Loss", height=340, xaxis_title="step", template=plot_template(), **_LAYOUT)
-        fig.update_xaxes(tickformat="d", rangemode="tozero")  # steps are whole numbers
+        fig.update_xaxes(rangemode="tozero")
         return fig
 
     return _fill(_skeleton(("loss", has_eval, mode), build), [view.loss, view.eval_loss])
@@ -265,7 +277,7 @@ def dynamics_figure(view: RunView, estimate_mb: float | None = None) -> str:
                           annotation_text=f"estimated {estimate_mb / 1024:.1f} GiB", annotation_position="bottom right")
         fig.update_layout(height=420, template=plot_template(), **{**_LAYOUT, "margin": dict(l=56, r=16, t=40, b=36)})
         fig.update_xaxes(title_text="step", row=2)
-        fig.update_xaxes(tickformat="d", rangemode="tozero")  # steps are whole numbers
+        fig.update_xaxes(rangemode="tozero")
         # memory from zero: a flat curve is not zoomed into a range of a few MiB
         fig.update_yaxes(rangemode="tozero", row=2, col=2)
         return fig
