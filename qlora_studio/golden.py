@@ -12,8 +12,8 @@ they improve, and the best checkpoint chosen by the task metric rather than by l
   "reply", "reference", "score", "metric", "seconds"}`` (``seconds``: the time that step's batch took).
 * What it costs: at most ``golden_time_share`` (default 0.25) of the training time so far. Before each
   batch `sample_allowance` compares the time samples have taken, plus the next batch at the measured cost
-  per prompt, with that share of the training time: past it the batch is reduced to fewer prompts, then
-  skipped, and train.log says why. summary.json's ``golden`` states the prompts, the reply length, the
+  per prompt (the first evaluation answers one prompt alone to measure it), with that share of the
+  training time: past it the batch is reduced to fewer prompts, then skipped, and train.log says why. summary.json's ``golden`` states the prompts, the reply length, the
   seconds spent, their share of the training time, and the evaluations skipped.
 * The best checkpoint: with a task metric (`metrics.choose_metric` on the held-out answers), the score of
   the golden prompts at each evaluation picks the best step (ties: the lower eval loss). Checkpoint
@@ -239,16 +239,23 @@ def golden_callback_class():
             prompts = self._prompts()
             if not prompts:
                 return
-            train_s = time.time() - (self.start or time.time()) - self.spent
-            k, why = sample_allowance(len(prompts), self.spent, train_s, self.per_prompt, self.share)
+            t0, replies = time.time(), []
+            if self.per_prompt is None and self.share > 0:  # the first prompt alone measures what one costs
+                replies = self._generate(model, [prompts[0].prompt])
+                self.per_prompt = time.time() - t0
+            train_s = t0 - (self.start or t0) - self.spent
+            k, why = sample_allowance(len(prompts) - len(replies), self.spent + time.time() - t0, train_s,
+                                      self.per_prompt, self.share)
             if why:
-                self.log(f"golden prompts at step {step}: {why}")
+                self.log(f"golden prompts at step {step}: " + (f"the first answered, the rest {why}" if replies and not k
+                                                               else why))
+            if k:
+                replies += self._generate(model, [p.prompt for p in prompts[len(replies):len(replies) + k]])
+            k = len(replies)
             if k == 0:
                 self.skipped.append({"step": step, "reason": why})
                 return
             prompts = prompts[:k]
-            t0 = time.time()
-            replies = self._generate(model, [p.prompt for p in prompts])
             seconds = time.time() - t0
             self.spent += seconds
             self.samples += 1
