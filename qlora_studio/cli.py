@@ -189,7 +189,7 @@ def _fmt_figure(value) -> str:
 def print_eval(result: dict) -> None:
     """A task evaluation as a table: each figure for the fine-tuned and the base model; labels' confusion."""
     print(f"{result['run']}: {result['n']} prompts ({result['rows']} rows of {result['data']})")
-    print(f"task {result['task']}: metric {result['metric']} ({result['reason']}); judged by {result['primary']}")
+    print(f"task {result['task']}, metric {result['metric']} (judged by {result['primary']}): {result['reason']}")
     base = result.get("base") or {}
     print(f"  {'':22s} {'fine-tuned':>10s} {'base':>10s}")
     for key, value in result["metrics"].items():
