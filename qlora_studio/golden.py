@@ -274,7 +274,7 @@ def golden_callback_class():
                                         "seconds": round(seconds, 3), "time": time.time()}) + "\n")
             if step_score is not None:
                 self.scores[step] = {"value": step_score, "n": k, "eval_loss": eval_loss}
-            self.log(f"golden prompts at step {step}: {k} replies in {seconds:.1f} s"
+            self.log(f"golden prompts at step {step}: {k} repl{'y' if k == 1 else 'ies'} in {seconds:.1f} s"
                      + (f", {self.choice.primary} {step_score:.2f}" if step_score is not None else ""))
 
         def _generate(self, model, conversations: list[list[dict]]) -> list[str]:
