@@ -180,8 +180,11 @@ def reply(model, tok, messages: list[dict], **kw) -> str:
     return text
 
 
-def generate_batch(model, tok, conversations: list[list[dict]], max_new_tokens: int = 96, batch_size: int = 16) -> list[str]:
-    """Greedy replies to many prompts at once (left-padded batches), for evaluation."""
+def generate_batch(model, tok, conversations: list[list[dict]], max_new_tokens: int = 96, batch_size: int = 16,
+                   progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Greedy replies to many prompts at once (left-padded batches), for evaluation. ``progress(done, total)``
+    is called after each batch. The key-value cache is used even when the model's config turns it off
+    for training."""
     import torch
 
     old_side = tok.padding_side
@@ -192,8 +195,10 @@ def generate_batch(model, tok, conversations: list[list[dict]], max_new_tokens: 
             texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations[i:i + batch_size]]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
-                gen = model.generate(**enc, **_gen_kwargs(tok, max_new_tokens, 0.0, 1.0))
+                gen = model.generate(**enc, **_gen_kwargs(tok, max_new_tokens, 0.0, 1.0), use_cache=True)
             out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            if progress is not None:
+                progress(len(out), len(conversations))
     finally:
         tok.padding_side = old_side
     return out

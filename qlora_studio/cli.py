@@ -182,18 +182,39 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from .evaluate import evaluate_run
+def _fmt_figure(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    try:
-        result = evaluate_run(args.run, base=args.base, limit=args.limit)
-    except ValueError as e:
-        raise UserError(str(e)) from e
+
+def print_eval(result: dict) -> None:
+    """A task evaluation as a table: each figure for the fine-tuned and the base model; labels' confusion."""
+    print(f"{result['run']}: {result['n']} prompts ({result['rows']} rows of {result['data']})")
+    print(f"task {result['task']}, metric {result['metric']} (judged by {result['primary']}): {result['reason']}")
+    base = result.get("base") or {}
+    print(f"  {'':22s} {'fine-tuned':>10s} {'base':>10s}")
+    for key, value in result["metrics"].items():
+        if key != "n" and not isinstance(value, dict):
+            print(f"  {key:22s} {_fmt_figure(value):>10s} {_fmt_figure(base.get(key)):>10s}")
+    for label, row in (result["metrics"].get("per_label") or {}).items():
+        print(f"  label {label!r}: {row['accuracy']:.0%} of {row['n']} (base "
+              f"{_fmt_figure((base.get('per_label') or {}).get(label, {}).get('accuracy'))})")
+    for label, row in (result["metrics"].get("confusion") or {}).items():
+        print(f"  confusion {label!r} -> " + ", ".join(f"{k!r}: {v}" for k, v in row.items()))
+    secs = result["seconds"]
+    print(f"  generation: fine-tuned {secs['fine_tuned']:.1f} s, base "
+          + ("skipped" if secs["base"] is None else f"{secs['base']:.1f} s" + (" (cached)" if secs["base_cached"] else "")))
+
+
+def cmd_eval(args) -> int:
+    from .taskeval import evaluate_run
+
+    result = evaluate_run(args.run, data=args.data, metric=None if args.metric == "auto" else args.metric, db=args.db,
+                          limit=args.limit, base=not args.no_base,
+                          progress=lambda message: print(message, file=sys.stderr, flush=True))
     if args.json:
         _print_json(result)
     else:
-        print(f"{'base model' if args.base else 'fine-tuned'}: " + ", ".join(
-            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items() if not isinstance(v, (list, dict))))
+        print_eval(result)
     return 0
 
 
@@ -236,9 +257,9 @@ def cmd_chat(args) -> int:
 
 def cmd_demo(args) -> int:
     """The newcomer's path: train the cpu-demo preset, score it against the base, then chat."""
-    from .evaluate import evaluate_run
     from .manager import get_manager
     from .presets import load_preset
+    from .taskeval import evaluate_run
 
     cfg = load_preset("cpu-demo", {"max_steps": args.max_steps})
     manager = get_manager()
@@ -246,10 +267,10 @@ def cmd_demo(args) -> int:
     status = _wait_for(manager, run)
     if status.get("state") != "completed":
         return _finish_run(run, status)
-    base = evaluate_run(run.path, base=True)
-    tuned = evaluate_run(run.path)
+    result = evaluate_run(run.path, limit=args.limit, progress=lambda message: print(message, flush=True))
+    base, tuned = result["base"], result["metrics"]
     print(f"held-out execution accuracy: base {base['execution_accuracy']:.0%} -> fine-tuned {tuned['execution_accuracy']:.0%} "
-          f"(exact match {base['exact_match']:.0%} -> {tuned['exact_match']:.0%}, {tuned['n']} questions)")
+          f"(exact match {base['exact_match']:.0%} -> {tuned['exact_match']:.0%}, {result['n']} questions)")
     print(f"run folder: {run.path}")
     if sys.stdin.isatty() and not args.no_chat:
         from .chat import load_run_model
@@ -319,10 +340,16 @@ def _add_run_verbs(sub) -> None:
     m.add_argument("--force", action="store_true", help="merge again even if merged/ exists")
     m.set_defaults(func=cmd_merge)
 
-    e = sub.add_parser("eval", help="task evaluation of a run on its held-out data (SQL: execution accuracy)")
+    e = sub.add_parser("eval", help="did it learn the task? the fine-tuned and the base model's answers to held-out "
+                                    "prompts, scored by the kind of answer")
     e.add_argument("run")
-    e.add_argument("--base", action="store_true", help="evaluate the base model instead")
-    e.add_argument("--limit", type=int)
+    e.add_argument("--data", help="an eval file (default: the run's test_data, else the rows it held out)")
+    e.add_argument("--metric", default="auto", choices=["auto", "exact", "f1", "rouge", "json", "sql"],
+                   help="how answers are scored (default: auto, by the kind of answer)")
+    e.add_argument("--db", help="the SQLite database the sql metric runs queries on (default: the run's eval_db; "
+                                "the sample warehouse for task sql)")
+    e.add_argument("--limit", type=int, help="only the first N prompts")
+    e.add_argument("--no-base", action="store_true", help="skip the base model (its answers are cached per run and data)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -336,6 +363,7 @@ def _add_run_verbs(sub) -> None:
 
     dm = sub.add_parser("demo", help="train the cpu-demo preset, compare with the base model, then chat")
     dm.add_argument("--max-steps", type=int)
+    dm.add_argument("--limit", type=int, help="score only the first N held-out questions")
     dm.add_argument("--no-chat", action="store_true")
     dm.set_defaults(func=cmd_demo)
 # ---- serve: the browser app

@@ -112,6 +112,19 @@ class TrainConfig:
     save_steps: int | None = setting(None, "steps between checkpoints", "int", auto=True,
                                      auto_help="with each evaluation", minimum=1, group="internal")
     logging_steps: int = setting(1, "steps between logged metrics", "int", minimum=1, group="internal")
+    # -- task evaluation while training (see `golden` and `taskeval`)
+    golden_prompts: int = setting(3, "held-out prompts answered at each evaluation (samples.jsonl); 0: none",
+                                  "int", minimum=0, maximum=64, group="schedule")
+    golden_max_new_tokens: int = setting(48, "the longest reply to a golden prompt, in tokens", "int", minimum=1,
+                                         maximum=1024, group="schedule")
+    golden_time_share: float = setting(0.25, "the most time golden prompts may take, as a share of the training "
+                                       "time so far (past it they are reduced, then skipped)", "float", minimum=0,
+                                       maximum=1, group="internal")
+    eval_metric: str | None = setting(None, "how answers are scored: exact, f1, rouge, json or sql", "choice",
+                                      choices=("exact", "f1", "rouge", "json", "sql"), auto=True,
+                                      auto_help="by the kind of answer", group="model")
+    eval_db: str | None = setting(None, "SQLite database the sql metric runs queries on", "str", auto=True,
+                                  auto_help="the sample warehouse for task sql", group="internal")
     # -- speed
     gradient_checkpointing: bool | None = setting(
         None, "recompute activations in backward (less memory, ~1/3 more compute)", "bool", auto=True,
@@ -165,6 +178,11 @@ class TrainConfig:
             raise ConfigError.at(source, "data", "no training data file given")
         if self.init_adapter is not None and not (Path(self.init_adapter) / "adapter_model.safetensors").is_file():
             raise ConfigError.at(source, "init_adapter", f"{self.init_adapter}: no adapter_model.safetensors there")
+        if self.eval_metric == "sql" and not self.eval_db and (self.task or "").lower() != "sql":
+            raise ConfigError.at(source, "eval_db", "the sql metric needs the SQLite database its queries run on",
+                                 hint="set eval_db (--eval-db FILE)")
+        if self.eval_db is not None and not Path(self.eval_db).expanduser().is_file():
+            raise ConfigError.at(source, "eval_db", f"{self.eval_db}: no such file")
         # 0 steps is allowed for a run that starts from an adapter: it evaluates and keeps that adapter.
         if self.max_steps is not None and self.max_steps < (0 if self.init_adapter else 1):
             raise ConfigError.at(source, "max_steps", f"must be >= 1, got {self.max_steps!r}")

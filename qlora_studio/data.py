@@ -382,12 +382,12 @@ def tokenize_example(tokenizer, ex: Example, max_len: int) -> dict:
 
 
 def tokenize_all(tokenizer, examples: list[Example], max_seq_len: int, report: DataReport) -> list[dict]:
-    """`tokenize_example` for each example; one the chat template or the tokenizer fails on is left out
-    and reported in ``report.errors`` (its line, its field)."""
+    """`tokenize_example` for each example (with its ``line``); one the chat template or the tokenizer
+    fails on is left out and reported in ``report.errors`` (its line, its field)."""
     rows, failed = [], []
     for ex in examples:
         try:
-            rows.append(tokenize_example(tokenizer, ex, max_seq_len))
+            rows.append(dict(tokenize_example(tokenizer, ex, max_seq_len), line=ex.line))
         except MemoryError:
             raise
         except Exception as e:  # a template's raise_exception, a tokenizer's TypeError: this row's problem
@@ -406,12 +406,14 @@ class PreparedData:
     train: object  # datasets.Dataset
     eval: object | None
     report: DataReport
+    heldout: list[Example] = field(default_factory=list)  # the examples of ``eval``, in its order
 
 
 def prepare_dataset(path: str | Path, tokenizer, max_seq_len: int, eval_fraction: float = 0.1,
                     seed: int = 42, fmt: str | None = None) -> PreparedData:
     """Load, validate, tokenize with masking, split into train/eval (as `datasets.Dataset`). A row the
-    chat template or the tokenizer fails on is skipped and reported in ``report.errors``."""
+    chat template or the tokenizer fails on is skipped and reported in ``report.errors``. The held-out
+    examples (``heldout``: their lines and messages) are those of the eval split, never trained on."""
     from datasets import Dataset
 
     ensure_chat_template(tokenizer)
@@ -427,12 +429,14 @@ def prepare_dataset(path: str | Path, tokenizer, max_seq_len: int, eval_fraction
     report.token_lengths = [r["length"] for r in rows]
     if report.truncated:
         report.warnings.append(f"{report.truncated} examples were truncated at {max_seq_len} tokens")
-    ds = Dataset.from_list([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
+    ds = Dataset.from_list([{k: r[k] for k in ("input_ids", "attention_mask", "labels", "line")} for r in rows])
     n_eval = int(round(len(ds) * eval_fraction)) if eval_fraction > 0 else 0
     if n_eval >= 1 and len(ds) - n_eval >= 1:
-        split = ds.train_test_split(test_size=n_eval, seed=seed)
-        return PreparedData(split["train"], split["test"], report)
-    return PreparedData(ds, None, report)
+        split = ds.train_test_split(test_size=n_eval, seed=seed)  # by index: the line column changes nothing
+        by_line = {ex.line: ex for ex in examples}
+        heldout = [by_line[line] for line in split["test"]["line"]]
+        return PreparedData(split["train"].remove_columns("line"), split["test"].remove_columns("line"), report, heldout)
+    return PreparedData(ds.remove_columns("line"), None, report)
 
 
 def check_file(path: str | Path, tokenizer=None, max_seq_len: int = 512) -> DataReport:

@@ -1,5 +1,7 @@
-"""Evaluation for the text-to-SQL sample task (``assets/sql`` in the package's resources).
+"""The text-to-SQL scorer and the sample task (``assets/sql`` in the package's resources).
 
+`sql_scores` / `score_sql` are the ``sql`` metric of task evaluation (`metrics`, `taskeval`): any run
+whose answers are SQL, on the SQLite database the user names (the sample warehouse for ``task: sql``).
 Two scores for a list of model replies against gold SQL:
 
 * **execution accuracy** -- the prediction runs on the warehouse database and returns
@@ -275,6 +277,23 @@ def execution_match(db, pred: str, gold: str, *, timeout_s: float = DEFAULT_TIME
     return pred_rows is not None and _same_result(pred_rows, gold_rows, _has_top_level_order_by(gold))
 
 
+def sql_scores(predictions: Sequence[str], golds: Sequence[str], db_path, *,
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict]:
+    """Each model reply against its gold SQL: ``executed`` (the same result on the database), ``exact``
+    (`exact_match` after `extract_sql`) and ``error`` (the prediction failed to execute; empty ones included)."""
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold queries")
+    out = []
+    with _read_only(db_path) as conn:
+        for raw, gold in zip(predictions, golds):
+            pred = extract_sql(raw)
+            gold_rows = _run(conn, gold, timeout_s)
+            pred_rows = _try_run(conn, pred, timeout_s)
+            out.append({"executed": pred_rows is not None and _same_result(pred_rows, gold_rows, _has_top_level_order_by(gold)),
+                        "exact": exact_match(pred, gold), "error": pred_rows is None})
+    return out
+
+
 def score_sql(predictions: Sequence[str], golds: Sequence[str], db_path, *,
               timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
     """Score model replies against gold SQL on one database.
@@ -283,58 +302,11 @@ def score_sql(predictions: Sequence[str], golds: Sequence[str], db_path, *,
     ``execution_accuracy`` and ``exact_match`` (fractions 0-1; 0.0 when ``n`` is 0)
     and ``errors``: how many predictions failed to execute (empty ones included).
     """
-    if len(predictions) != len(golds):
-        raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold queries")
-    n = len(golds)
-    executed_ok = exact = errors = 0
-    with _read_only(db_path) as conn:
-        for raw, gold in zip(predictions, golds):
-            pred = extract_sql(raw)
-            exact += exact_match(pred, gold)
-            gold_rows = _run(conn, gold, timeout_s)
-            pred_rows = _try_run(conn, pred, timeout_s)
-            if pred_rows is None:
-                errors += 1
-            elif _same_result(pred_rows, gold_rows, _has_top_level_order_by(gold)):
-                executed_ok += 1
+    each = sql_scores(predictions, golds, db_path, timeout_s=timeout_s)
+    n = len(each)
     return {
         "n": n,
-        "execution_accuracy": executed_ok / n if n else 0.0,
-        "exact_match": exact / n if n else 0.0,
-        "errors": errors,
+        "execution_accuracy": sum(e["executed"] for e in each) / n if n else 0.0,
+        "exact_match": sum(e["exact"] for e in each) / n if n else 0.0,
+        "errors": sum(e["error"] for e in each),
     }
-
-
-def evaluate_run(run, *, base: bool = False, limit: int | None = None, max_new_tokens: int = 96) -> dict:
-    """Task evaluation of a run (or, with ``base=True``, of the model it started from).
-
-    For ``task: sql`` runs: greedy replies to the held-out questions of ``test_data`` (the sample
-    set's test.jsonl by default), scored by execution accuracy on the warehouse database and exact
-    match. Written to ``<run>/eval.json`` or ``<run>/eval_base.json`` and returned.
-    """
-    import time
-
-    from .chat import generate_batch, load_run_model
-    from .runs import RunFolder, atomic_write_json, resolve_run
-
-    folder = RunFolder(resolve_run(run))
-    cfg = folder.config()
-    if (cfg.get("task") or "").lower() != "sql":
-        raise ValueError(f"{folder.name}: task evaluation exists for task 'sql' only (this run's task: {cfg.get('task')}); "
-                         "its eval loss is in summary.json")
-    test_path = Path(cfg.get("test_data") or sample_sql_dir() / "test.jsonl")
-    examples = load_sql_examples(test_path)[:limit]
-    t0 = time.time()
-    model, tok = load_run_model(folder.path, base=base)
-    replies = generate_batch(model, tok, [e["messages_prompt"] for e in examples], max_new_tokens=max_new_tokens)
-    result = score_sql(replies, [e["gold"] for e in examples], warehouse_db_path())
-    result.update({"model": "base" if base else "fine-tuned", "test_data": str(test_path), "seconds": time.time() - t0,
-                   "samples": [{"question": e["question"], "gold": e["gold"], "reply": r}
-                               for e, r in zip(examples, replies)]})
-    atomic_write_json(folder.path / ("eval_base.json" if base else "eval.json"), result)
-    summary = folder.summary()
-    if summary:
-        summary.setdefault("task_eval", {})["base" if base else "fine_tuned"] = {
-            k: result[k] for k in ("n", "execution_accuracy", "exact_match", "errors")}
-        folder.write_summary(summary)
-    return result

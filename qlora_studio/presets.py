@@ -20,7 +20,7 @@ from .home import resource_dir
 
 RESOURCE_DIR = resource_dir()  # a preset's relative data paths start here
 PRESETS_DIR = RESOURCE_DIR / "presets"
-_PATH_FIELDS = ("data", "test_data")
+_PATH_FIELDS = ("data", "test_data", "eval_db")
 
 
 @dataclass

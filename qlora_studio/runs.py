@@ -6,7 +6,11 @@ A run folder under ``<studio home>/runs/<name>/`` holds:
                     change made while training (out-of-memory recoveries, packing turned off)
 - ``status.json``   state (running | completed | stopped | failed | interrupted), error, pid, times
 - ``metrics.jsonl`` one JSON line per logging step ({"type": "train", ...}) or evaluation ({"type": "eval", ...})
-- ``summary.json``  runtime, non-pad tokens, tokens/s, peak memory, eval metrics
+- ``summary.json``  runtime, non-pad tokens, tokens/s, peak memory, ``eval`` (the final eval loss), ``golden``
+                    and ``best`` (the golden prompts' cost; the best step and why), ``task_eval`` (`taskeval`)
+- ``heldout.json``  the data file's lines held out from training; ``golden.json`` and ``samples.jsonl``: the
+                    golden prompts and their answers at each evaluation (`golden`); ``eval.json`` and
+                    ``eval_cache/``: the last task evaluation and the base model's cached answers (`taskeval`)
 - ``checkpoints/checkpoint-<step>/`` (see `RunFolder.checkpoints`), ``adapter/``, ``merged/``
 
 JSON files are replaced atomically (write a temporary file, fsync, rename). metrics.jsonl is only

@@ -60,6 +60,7 @@ def _prepare_data(run: RunFolder, cfg: TrainConfig, tokenizer, stored: dict, log
     from .data import prepare_dataset
     from .diagnose import data_findings
     from .runs import atomic_write_json
+    from .taskeval import record_heldout
 
     data = prepare_dataset(cfg.data, tokenizer, cfg.max_seq_len, cfg.eval_fraction, cfg.seed, cfg.data_format)
     rep = data.report
@@ -68,6 +69,7 @@ def _prepare_data(run: RunFolder, cfg: TrainConfig, tokenizer, stored: dict, log
     for issue in rep.errors[:20]:
         log("  skipped " + issue.format(rep.path))
     atomic_write_json(run.path / "data_report.json", rep.to_dict())
+    record_heldout(run, cfg, data)  # the rows task evaluation and the golden prompts may use
     for finding in data_findings(rep.to_dict(), stored):
         log_finding(log, finding)
     return data
@@ -126,7 +128,8 @@ def _schedule(cfg: TrainConfig, plan: RunPlan, n_train: int) -> dict:
             "eval_steps": eval_steps, "save_steps": cfg.save_steps or eval_steps}
 
 
-def _training_args(run: RunFolder, cfg: TrainConfig, plan: RunPlan, schedule: dict, has_eval: bool):
+def _training_args(run: RunFolder, cfg: TrainConfig, plan: RunPlan, schedule: dict, has_eval: bool,
+                   own_rotation: bool = False):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -147,9 +150,10 @@ def _training_args(run: RunFolder, cfg: TrainConfig, plan: RunPlan, schedule: di
         eval_steps=schedule["eval_steps"],
         save_strategy="steps",
         save_steps=schedule["save_steps"],
-        save_total_limit=2,
         # The checkpoint with the lowest eval loss survives rotation: "stop at the best checkpoint"
-        # (the overfitting fix) needs it. Nothing is reloaded at the end.
+        # (the overfitting fix) needs it. Nothing is reloaded at the end. With a task metric the golden
+        # prompts' callback rotates instead, keeping the best by that metric too (`golden.prune_checkpoints`).
+        save_total_limit=None if own_rotation else 2,
         metric_for_best_model="eval_loss" if has_eval else None,
         greater_is_better=False if has_eval else None,
         optim=plan.optimizer,
@@ -203,6 +207,7 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
     from .batching import studio_trainer_class
     from .compat import keep_4bit_weights_trainable
     from .diagnose import Diagnoser, settings_view
+    from .golden import golden_callback, truncate_samples_after
     from .loading import count_parameters, load_plan_model, load_tokenizer
     from .models import resolve_model
     from .recovery import truncate_metrics_after
@@ -237,10 +242,11 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
     diagnoser = Diagnoser(settings_view(stored, run.plan()))
     eval_batches = math.ceil(len(data.eval) / plan.batch_size) if data.eval is not None else None
     callback = callback_class()(run, stop_event, plan.device, log, diagnoser, eval_batches=eval_batches)
-    trainer = studio_trainer_class()(model=model, args=_training_args(run, cfg, plan, schedule, data.eval is not None),
-                                     train_dataset=data.train, eval_dataset=data.eval,
+    golden = golden_callback(run, cfg, tokenizer, data, plan, log) if data.eval is not None else None
+    args = _training_args(run, cfg, plan, schedule, data.eval is not None, own_rotation=bool(golden and golden.prunes))
+    trainer = studio_trainer_class()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                                      data_collator=_collator(plan, tokenizer, model), processing_class=tokenizer,
-                                     callbacks=[callback, *extra_callbacks])
+                                     callbacks=[callback, *([golden] if golden else []), *extra_callbacks])
     trainer.packed = plan.batching == "packed"
     trainer.remove_callback(PrinterCallback)  # our callback logs; the printer would echo raw dicts
     resume_from = None
@@ -249,6 +255,7 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
         if ckpt is None:
             raise TrainingError(f"{run.path}: no checkpoint to resume from")
         truncate_metrics_after(run, checkpoint_step(ckpt))
+        truncate_samples_after(run, checkpoint_step(ckpt))
         resume_from = str(ckpt)
         log(f"resuming from {ckpt.name}")
         diagnoser.add_all(run.metrics())  # the detectors see the history they continue (findings already logged)
@@ -265,7 +272,7 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
         log("no steps left to train: evaluating the starting adapter and keeping it")
         result_metrics = {}
         trainer.state.global_step = 0
-    return _finish(run, plan, trainer, callback, data, result_metrics, bool(resume_from), log)
+    return _finish(run, plan, trainer, callback, data, result_metrics, bool(resume_from), log, golden)
 
 
 def _stopped_during_evaluation(trainer, callback, log) -> dict:
@@ -283,8 +290,11 @@ def _stopped_during_evaluation(trainer, callback, log) -> dict:
     return {"train_runtime": time.time() - callback.start_time}
 
 
-def _finish(run: RunFolder, plan: RunPlan, trainer, callback, data, result_metrics: dict, resumed: bool, log) -> dict:
-    """After training: the rollback of a NaN run, or the adapter, the final evaluation and summary.json."""
+def _finish(run: RunFolder, plan: RunPlan, trainer, callback, data, result_metrics: dict, resumed: bool, log,
+            golden=None) -> dict:
+    """After training: the rollback of a NaN run, or the adapter, the final evaluation (with the golden
+    prompts' last answers) and summary.json (``best``: the best step, by the task metric when there is one)."""
+    from .golden import best_summary
     from .recovery import roll_back_nonfinite
 
     step = trainer.state.global_step
@@ -333,6 +343,11 @@ def _finish(run: RunFolder, plan: RunPlan, trainer, callback, data, result_metri
 
         summary["gpu_total_mb"] = torch.cuda.get_device_properties(0).total_memory / 2**20
     summary["memory_estimate"] = _estimate_vs_measured(run, plan, summary["peak_memory"], log)
+    if golden is not None:
+        summary["golden"] = golden.summary()
+    summary["best"] = best_summary(run, golden)
+    if summary["best"]:
+        log(f"best step {summary['best']['step']}: {summary['best']['why']}")
     run.write_summary(summary)
     state = "stopped" if callback.stopped else "completed"
     log(f"{state} at step {step}: final loss {summary['final_loss']}, "

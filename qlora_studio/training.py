@@ -65,8 +65,9 @@ def _write_new_run(run: RunFolder, cfg: TrainConfig, data_path: Path, data_sha25
     reserve(run.path)  # first: the space a "disk full" status needs later (see `diskspace`)
     settings = cfg.to_dict()
     settings["data"] = str(data_path.resolve())
-    if cfg.test_data:
-        settings["test_data"] = str(Path(cfg.test_data).expanduser().resolve())
+    for key in ("test_data", "eval_db"):
+        if getattr(cfg, key):
+            settings[key] = str(Path(getattr(cfg, key)).expanduser().resolve())
     if init_files:
         dest = run.path / "init_adapter"
         dest.mkdir()
