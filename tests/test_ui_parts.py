@@ -496,3 +496,31 @@ def test_runs_open_a_run_in_chat_and_load_its_settings_into_train(studio_home, t
     by_name = {s.name: s for s in FORM_SETTINGS}
     assert values["rank"] == 8 and values["learning_rate"] == 5e-4 and values["max_steps"] == 30
     assert values["data"].endswith("toy.jsonl") and set(values) == set(by_name) | {"data"}
+
+
+def test_golden_answers_and_task_evaluation_are_shown(tmp_path):
+    from qlora_studio.ui.live_html import samples_html
+    from qlora_studio.ui.runs import _task_metric, evaluation_html
+
+    samples = tmp_path / "samples.jsonl"
+    assert samples_html(samples) == ""
+    with open(samples, "w") as f:
+        for step, reply, score in ((2, "maybe", 0.0), (4, "positive", 1.0)):
+            f.write(json.dumps({"step": step, "prompt": "Great <b>film</b>", "reply": reply, "reference": "positive",
+                                "step_score": score, "metric": "normalized_match"}) + "\n")
+    html = samples_html(samples)
+    assert "step 4" in html and "positive" in html and "maybe" not in html, "only the latest step's answers"
+    assert "step 2: 0 → step 4: 1" in html and "&lt;b&gt;film" in html
+
+    result = {"run": "r", "n": 2, "metric": "exact", "reason": "short answers", "primary": "normalized_match",
+              "metrics": {"normalized_match": 0.5, "exact_match": 0.5, "perplexity": 1.26},
+              "base": {"normalized_match": 0.0, "exact_match": 0.0, "perplexity": 82.3},
+              "examples": [{"line": 3, "prompt": "p1", "reply": "neg", "reference": "positive", "score": 0.0},
+                           {"line": 5, "prompt": "p2", "reply": "positive", "reference": "positive", "score": 1.0}]}
+    html = evaluation_html(result)
+    assert "normalized match <b>(judged by this)</b></td><td>0%</td><td>50%" in html
+    assert "perplexity</td><td>82.3</td><td>1.26" in html
+    assert html.index("line 3") < html.index("line 5"), "the worst answer first"
+    assert _task_metric({"task_eval": {k: v for k, v in result.items() if k != "examples"}}) == \
+        "normalized match 50% (base 0%)"
+    assert _task_metric({}) == "-" and _task_metric({"task_eval": {"metrics": []}}) == "-"

@@ -23,12 +23,57 @@ NOT_SETTINGS = {"data_sha256"}  # what ran (the plan) is in plan.json, not confi
 
 
 def _task_metric(summary: dict) -> str:
+    """The run's task evaluation for the table: "<figure> <value> (base <value>)", or "-"."""
     task = summary.get("task_eval") or {}
-    if isinstance(task, dict):
-        for key in ("execution_accuracy", "exact_match", "accuracy"):
-            if isinstance(task.get(key), (int, float)):
-                return f"{key.replace('_', ' ')} {task[key]:.0%}"
-    return "-"
+    if not isinstance(task, dict) or not isinstance(task.get("metrics"), dict):
+        return "-"
+    primary = task.get("primary")
+    value = task["metrics"].get(primary)
+    if not isinstance(value, (int, float)):
+        return "-"
+    base = (task.get("base") or {}).get(primary) if isinstance(task.get("base"), dict) else None
+    return f"{str(primary).replace('_', ' ')} {fmt_score(value)}" + (
+        f" (base {fmt_score(base)})" if isinstance(base, (int, float)) else "")
+
+
+def fmt_score(x: float) -> str:
+    return f"{x:.0%}" if 0 <= x <= 1 else f"{x:.3g}"
+
+
+def evaluation_html(result: dict, worst: int = 5) -> str:
+    """A task evaluation: each figure for the base and the fine-tuned model, and the worst answers."""
+    tuned, base = result.get("metrics") or {}, result.get("base") or {}
+    rows = []
+    for key, value in tuned.items():
+        if not isinstance(value, (int, float)):
+            continue
+        b = base.get(key)
+        mark = " <b>(judged by this)</b>" if key == result.get("primary") else ""
+        rows.append(f"<tr><td>{esc(key.replace('_', ' '))}{mark}</td><td>{fmt_score(b) if isinstance(b, (int, float)) else '-'}"
+                    f"</td><td>{fmt_score(value)}</td></tr>")
+    scored = [e for e in result.get("examples") or [] if isinstance(e.get("score"), (int, float))]
+    scored.sort(key=lambda e: e["score"])
+    items = "".join(
+        f"<li><b>line {e.get('line')}</b> (score {fmt_score(e['score'])}): {esc(str(e.get('prompt'))[:200])}<br>"
+        f"<i>answered</i> <code>{esc(str(e.get('reply'))[:300])}</code><br>"
+        f"<i>expected</i> <code>{esc(str(e.get('reference'))[:300])}</code></li>" for e in scored[:worst])
+    return (f'<div id="runs-eval-result"><p><b>{esc(result.get("run"))}</b>: {result.get("n")} held-out prompts, '
+            f'metric {esc(result.get("metric"))} ({esc(result.get("reason"))})</p>'
+            f'<table class="qs-table"><tr><th>figure</th><th>base model</th><th>fine-tuned</th></tr>{"".join(rows)}</table>'
+            + (f"<p>The worst answers:</p><ol>{items}</ol>" if items else "") + "</div>")
+
+
+def evaluate(selected, progress=gr.Progress()):
+    """Evaluate the selected run on its held-out prompts (and the base model on the same)."""
+    from ..taskeval import evaluate_run
+
+    name = _one(selected)
+    if get_manager().active() is not None:
+        raise ValueError("a run is training: evaluate when it has finished (both would share the same cores or GPU)")
+    progress(0.05, desc=f"evaluating {name}: loading the model")
+    result = evaluate_run(run_folder(name).path, progress=lambda message: progress(0.5, desc=message))
+    df, names = runs_table()
+    return evaluation_html(result), df, gr.CheckboxGroup(choices=names, value=[name])
 
 
 def runs_table():
@@ -180,6 +225,7 @@ def build(ctx) -> None:
     with gr.Row():
         ctx.rn_resume = gr.Button("Resume selected", elem_id="runs-resume")
         ctx.rn_chat = gr.Button("Open in Chat", elem_id="runs-chat")
+        ctx.rn_eval = gr.Button("Evaluate on its held-out data", elem_id="runs-evaluate")
         ctx.rn_load = gr.Button("Load its settings into Train", elem_id="runs-load")
         ctx.rn_delete = gr.Button("Delete selected …", variant="stop", elem_id="runs-delete")
     with gr.Row(visible=False, elem_id="runs-confirm") as confirm:
@@ -188,6 +234,7 @@ def build(ctx) -> None:
         ctx.rn_cancel = gr.Button("Cancel", elem_id="runs-cancel", scale=0, min_width=100)
     ctx.rn_confirm_row = confirm
     ctx.rn_notice = gr.HTML(elem_id="runs-notice")
+    ctx.rn_eval_out = gr.HTML(elem_id="runs-eval")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             ctx.rn_plot = gr.Plot(elem_id="runs-compare", show_label=False)
@@ -203,6 +250,8 @@ def wire(ctx) -> None:
                          [ctx.rn_plot, ctx.rn_diff], trigger_mode="always_last")
     ctx.rn_resume.click(safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip(), gr.skip()))(resume), ctx.rn_select,
                         [ctx.rn_notice, ctx.tr_watched, ctx.tabs, ctx.tr_notice])
+    ctx.rn_eval.click(safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip()))(evaluate), ctx.rn_select,
+                      [ctx.rn_eval_out, ctx.rn_table, ctx.rn_select], concurrency_limit=1)
     ctx.rn_chat.click(safe(lambda msg: (gr.skip(), gr.skip(), notice(msg, "error")))(open_in_chat), ctx.rn_select,
                       [ctx.ch_run, ctx.tabs, ctx.rn_notice])
 

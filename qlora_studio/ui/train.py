@@ -18,25 +18,17 @@ from gradio.components.plot import PlotData  # a figure already in plotly JSON (
 from ..config import AUTO, SETTINGS, TrainConfig
 from ..manager import RunBusy, get_manager
 from ..plan import plan_for
+from ..golden import SAMPLES_FILE
 from ..presets import list_presets
 from ..runs import RunFolder, check_run_name
-from .common import (MODEL_CHOICES, display_path, esc, fmt_duration, fmt_num, latest_run_path, notice, read_json,
-                     resolve_data_path, safe, tail_lines)
+from .common import (MODEL_CHOICES, display_path, latest_run_path, notice, read_json, resolve_data_path, safe,
+                     tail_lines)
 from .findings import findings_html, fix_choices, run_diagnosis
 from .live import empty_figure, live_runs
+from .live_html import (PLOT_EVERY_CPU_S, PLOT_EVERY_S, POLL_CPU_S, POLL_SECONDS, header_html,  # noqa: F401
+                        progress_html, samples_html, _trains_on_cpu)
 
 DEFAULT_PRESET = "cpu-demo"
-# How often an open page asks for news (progress line, log tail, findings), and how often it redraws the
-# curves of a run that is training. Drawing the curves is the browser's biggest cost (0.2-0.4 s of a
-# core per redraw in headless Chromium on this project's 2-core test machine), and where the run trains
-# on the CPU the browser takes that time from training, so while such a run trains the page asks every
-# POLL_CPU_S and redraws the curves every PLOT_EVERY_CPU_S, and says so. Measured with
-# benchmarks/app_vs_cli.py --page toggle (one run, page open vs closed): 10 s / 30 s slowed training by
-# 6.5%, 15 s / 60 s by 3.0-3.9% (two runs).
-POLL_SECONDS = 5.0
-POLL_CPU_S = 15.0
-PLOT_EVERY_S = 5.0
-PLOT_EVERY_CPU_S = 60.0
 # The settings the form shows under "advanced", in declaration order (`config.SETTINGS`); the data file and
 # the run name have their own boxes at the top.
 FORM_GROUPS = ("model", "lora", "schedule", "batch", "speed")
@@ -138,99 +130,10 @@ def resolved_yaml(preset_settings, data, name, *values) -> str:
 
 # ------------------------------------------------------------------ the live view
 
-STATE_CLASS = {"running": "run", "completed": "ok", "stopped": "warn", "failed": "error", "interrupted": "warn"}
-
-
-def header_html(path: Path, status: dict, config: dict, plan_doc: dict) -> str:
-    state = status.get("state", "?")
-    phase = status.get("phase")
-    bits = [f'<span class="qs-badge qs-state-{STATE_CLASS.get(state, "info")}" id="run-state">{esc(state)}</span>',
-            f'<b id="run-name">{esc(path.name)}</b>']
-    if state == "running" and phase and phase != "training":
-        bits.append(f'<span class="qs-muted">{esc(phase)} …</span>')
-    desc = [f"model {esc(config.get('model', '?'))}", f"data {esc(display_path(config.get('data', '?')))}"]
-    plan = plan_doc.get("plan") or {}
-    if plan.get("targets"):
-        desc.append(f"LoRA r={plan.get('rank')} on {len(plan['targets'])} module kinds")
-    share = (plan_doc.get("model") or {}).get("trainable_share")
-    if share is not None:
-        desc.append(f"{100 * share:.2f}% of the weights train")
-    if plan.get("device"):
-        desc.append(f"{plan['device']} · {plan.get('precision', '')}")
-    html = " ".join(bits) + f'<div class="qs-muted">{" · ".join(desc)}</div>'
-    if state == "failed" and status.get("error"):
-        advice = ""
-        if status.get("error_kind") == "oom":
-            advice = ("\nOut of memory: lower the batch size or the sequence length, keep gradient checkpointing "
-                      "on, or choose a smaller model (the Hardware tab shows what fits).")
-        html += notice(f"The run failed: {status['error']}{advice}\nThe full log is {path / 'train.log'}.", "error")
-    elif state == "interrupted":
-        html += notice("This run was interrupted (its process ended before it finished). "
-                       "Resume it from its last checkpoint on the Runs tab.", "warn")
-    return html
-
-
-def _trains_on_cpu(state, plan_doc: dict) -> bool:
-    """A run training on the CPU, where the page's work competes with training for the cores."""
-    return state == "running" and (plan_doc.get("plan") or {}).get("device") == "cpu"
-
-
-def progress_html(view, status: dict, plan_doc: dict) -> str:
-    state = status.get("state")
-    total = status.get("total_steps") or status.get("max_steps") or (plan_doc.get("schedule") or {}).get("total_steps")
-    last = view.last_train or {}
-    step = last.get("step") or 0
-    if state != "running":
-        step = max(step, status.get("step") or 0)
-    # one clock: from this start (or resume) of the run, through loading, training and saving
-    started = status.get("clock_start") or status.get("created_at")
-    end = status.get("finished_at") if state != "running" else time.time()
-    elapsed = (end - started) if (started and end) else None
-    phase = status.get("phase") if state == "running" else None
-    if state == "running" and not last and phase not in ("training", "evaluating") and "evaluating" not in str(phase):
-        return ('<div class="qs-progress"><div class="qs-bar qs-bar-busy"><div></div></div>'
-                f'<div class="qs-muted" id="run-phase">{esc(phase or "starting")} … elapsed {fmt_duration(elapsed)}'
-                '</div></div>')
-    pct = min(100.0, 100.0 * step / total) if total else 0.0
-    eta = "-"
-    if state == "running" and total:
-        sps = view.seconds_per_step() or _first_steps_pace(last, status)
-        if sps:
-            eta = fmt_duration(sps * max(0, total - step))
-    elif state == "completed":
-        eta = "done"
-    parts = [f'step <b id="run-step">{step}</b> / {total or "?"}', f"epoch {fmt_num(last.get('epoch'), 2)}",
-             f"elapsed {fmt_duration(elapsed)}", f"ETA {eta}"]
-    if phase and phase != "training":
-        done, of = status.get("eval_done"), status.get("eval_total")
-        batches = f" (batch {done} of {of})" if "evaluating" in phase and done is not None and of else ""
-        parts.insert(0, f'<b id="run-phase">{esc(phase)}{batches}</b>')
-    if last.get("loss") is not None:
-        parts.append(f"loss {fmt_num(last['loss'])}")
-    if view.last_eval and view.last_eval.get("eval_loss") is not None:
-        parts.append(f"eval loss {fmt_num(view.last_eval['eval_loss'])}")
-    pace = ""
-    if _trains_on_cpu(state, plan_doc):
-        pace = (f'<div class="qs-muted" id="run-pace">Training on the CPU: this page refreshes every {POLL_CPU_S:.0f} s '
-                f'and redraws the curves every {PLOT_EVERY_CPU_S:.0f} s, to leave the cores to training.</div>')
-    return (f'<div class="qs-progress"><div class="qs-bar"><div style="width:{pct:.1f}%"></div></div>'
-            f'<div>{" · ".join(parts)}</div>{pace}</div>')
-
-
-def _first_steps_pace(last: dict, status: dict) -> float | None:
-    """Seconds per step from the training's start to its first logged steps (before the recent-steps
-    pace has two points)."""
-    since, from_step = status.get("training_since"), status.get("training_from_step") or 0
-    t, step = last.get("time"), last.get("step")
-    if isinstance(since, (int, float)) and isinstance(t, (int, float)) and isinstance(step, int) and step > from_step:
-        return max(0.0, t - since) / (step - from_step)
-    return None
-
-
 # The live view's outputs, by name: `poll` returns a dict of those that changed (`wire` maps the names to
 # the components), so nothing depends on their order.
 LIVE_OUTPUTS = ("header", "progress", "loss", "dynamics", "log", "findings", "fix", "fix_row", "watched", "seen",
-                "timer", "notice", "next_row")
+                "timer", "notice", "next_row", "samples")
 
 
 def _idle_outputs(seen) -> dict:
@@ -317,6 +220,13 @@ def poll(watched, seen) -> dict:
         out["log"] = "\n".join(tail_lines(run.path / "train.log"))
         seen["log"] = log_size
     _findings(out, seen, run, status)
+    try:
+        samples_size = os.stat(run.path / SAMPLES_FILE).st_size
+    except OSError:
+        samples_size = 0
+    if seen.get("samples") != samples_size:
+        out["samples"] = samples_html(run.path / SAMPLES_FILE)
+        seen["samples"] = samples_size
     return out
 
 
@@ -447,6 +357,7 @@ def build(ctx) -> None:
                 ctx.tr_fix = gr.Dropdown(label="Fix to apply", choices=[], value=None, scale=3, elem_id="fix-choice")
                 ctx.tr_apply = gr.Button("Apply as a new run", elem_id="apply-fix", scale=2, min_width=170)
     ctx.tr_dyn = gr.Plot(label="Learning rate, gradient norm, speed, memory", elem_id="dynamics-plot", show_label=False)
+    ctx.tr_samples = gr.HTML(elem_id="run-samples")
     ctx.tr_log = gr.Textbox(label="Log (latest lines)", lines=8, max_lines=14, interactive=False, elem_id="run-log")
     ctx.tr_watched = gr.State(None)
     ctx.tr_seen = gr.State({})
@@ -477,7 +388,7 @@ def wire(ctx) -> None:
 
     live = dict(zip(LIVE_OUTPUTS, [ctx.tr_header, ctx.tr_progress, ctx.tr_loss, ctx.tr_dyn, ctx.tr_log, ctx.tr_findings,
                                    ctx.tr_fix, ctx.tr_fix_row, ctx.tr_watched, ctx.tr_seen, ctx.tr_timer,
-                                   ctx.tr_notice, ctx.tr_next_row]))
+                                   ctx.tr_notice, ctx.tr_next_row, ctx.tr_samples]))
     poll_safe = safe(lambda msg: {"header": notice(msg, "error")})(poll)
     ctx.tr_timer.tick(_by_component(live, poll_safe), [ctx.tr_watched, ctx.tr_seen], list(live.values()),
                       show_progress="hidden", queue=False, trigger_mode="always_last")
