@@ -63,15 +63,16 @@ def evaluation_html(result: dict, worst: int = 5) -> str:
             + (f"<p>The worst answers:</p><ol>{items}</ol>" if items else "") + "</div>")
 
 
-def evaluate(selected, progress=gr.Progress()):
-    """Evaluate the selected run on its held-out prompts (and the base model on the same)."""
+def evaluate(selected, limit, progress=gr.Progress()):
+    """Evaluate the selected run on (at most ``limit`` of) its held-out prompts, and the base model on the same."""
     from ..taskeval import evaluate_run
 
     name = _one(selected)
     if get_manager().active() is not None:
         raise ValueError("a run is training: evaluate when it has finished (both would share the same cores or GPU)")
     progress(0.05, desc=f"evaluating {name}: loading the model")
-    result = evaluate_run(run_folder(name).path, progress=lambda message: progress(0.5, desc=message))
+    result = evaluate_run(run_folder(name).path, limit=int(limit) if limit else None,
+                          progress=lambda message: progress(0.5, desc=message))
     df, names = runs_table()
     return evaluation_html(result), df, gr.CheckboxGroup(choices=names, value=[name])
 
@@ -226,6 +227,8 @@ def build(ctx) -> None:
         ctx.rn_resume = gr.Button("Resume selected", elem_id="runs-resume")
         ctx.rn_chat = gr.Button("Open in Chat", elem_id="runs-chat")
         ctx.rn_eval = gr.Button("Evaluate on its held-out data", elem_id="runs-evaluate")
+        ctx.rn_eval_limit = gr.Number(label="at most this many prompts (each answered twice: base and fine-tuned)",
+                                      value=50, precision=0, minimum=1, elem_id="runs-eval-limit")
         ctx.rn_load = gr.Button("Load its settings into Train", elem_id="runs-load")
         ctx.rn_delete = gr.Button("Delete selected …", variant="stop", elem_id="runs-delete")
     with gr.Row(visible=False, elem_id="runs-confirm") as confirm:
@@ -250,7 +253,7 @@ def wire(ctx) -> None:
                          [ctx.rn_plot, ctx.rn_diff], trigger_mode="always_last")
     ctx.rn_resume.click(safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip(), gr.skip()))(resume), ctx.rn_select,
                         [ctx.rn_notice, ctx.tr_watched, ctx.tabs, ctx.tr_notice])
-    ctx.rn_eval.click(safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip()))(evaluate), ctx.rn_select,
+    ctx.rn_eval.click(safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip()))(evaluate), [ctx.rn_select, ctx.rn_eval_limit],
                       [ctx.rn_eval_out, ctx.rn_table, ctx.rn_select], concurrency_limit=1)
     ctx.rn_chat.click(safe(lambda msg: (gr.skip(), gr.skip(), notice(msg, "error")))(open_in_chat), ctx.rn_select,
                       [ctx.ch_run, ctx.tabs, ctx.rn_notice])
