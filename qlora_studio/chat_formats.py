@@ -233,3 +233,37 @@ def stop_tokens(tokenizer, m: FormatMatch | None, eos_ids=()) -> list[str]:
         if s and s in vocab and s not in out:
             out.append(s)
     return out
+
+
+def _quoted(text: str, what: str) -> str:
+    if '"""' in text:
+        from .errors import StudioError
+
+        raise StudioError(f"the {what} contains three double quotes in a row, which a Modelfile cannot hold",
+                          field=what, hint="edit the system prompt in the data (or the Modelfile by hand)")
+    return f'"""{text}"""'
+
+
+def modelfile(gguf_name: str, tokenizer, system: str | None, eos_ids=(), title: str = "") -> tuple[str, dict]:
+    """An Ollama Modelfile for ``gguf_name`` (in the same folder) and what it holds: {"format", "stops",
+    "system", "template", "warnings", "match"}. ``system``: the run's system prompt, if it has one."""
+    m, why = match_format(tokenizer)
+    stops = stop_tokens(tokenizer, m, eos_ids)
+    warnings = []
+    lines = [f"# {title or gguf_name}: written by QLoRA Studio", f"FROM ./{gguf_name}"]
+    default = m.default_system if m else ""
+    if m is None:
+        warnings.append(f"no TEMPLATE in the Modelfile: this model's chat template is not one of the formats the "
+                        f"studio knows ({why}); Ollama will guess one from the GGUF's chat template, which may be wrong")
+        lines.append("# no TEMPLATE: the chat format is not one QLoRA Studio knows; Ollama guesses it")
+    else:
+        lines.append(f"# chat format: {m.format.label}, checked against the model's own chat template")
+        lines.append(f"TEMPLATE {_quoted(go_template(m), 'template')}")
+        warnings += m.notes
+    chosen = system if system else default
+    if chosen:
+        lines.append(f"SYSTEM {_quoted(chosen, 'system prompt')}")
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n", {"format": m.format.name if m else None, "label": m.format.label if m else None,
+                                     "stops": stops, "system": chosen or None, "warnings": warnings,
+                                     "bos": m.bos if m else "", "match": m.to_dict() if m else None}

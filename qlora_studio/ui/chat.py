@@ -8,8 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..chat import ChatError, merge_run, stream_reply
-from ..data import load_examples
+from ..chat import ChatError, merge_run, stream_reply, system_prompt
 from ..home import runs_dir
 from ..manager import get_manager
 from .common import chat_models, notice, read_json, run_folder, safe
@@ -36,19 +35,8 @@ def merged_state(name: str | None) -> str:
 
 
 def system_prompt_of(name: str | None) -> str:
-    """The system message the run was trained with (its data's first one), if any."""
-    if not name:
-        return ""
-    cfg = run_folder(name).config()
-    try:
-        examples, _ = load_examples(cfg.get("data", ""))
-    except Exception:
-        return ""
-    for ex in examples[:50]:
-        for m in ex.messages or []:
-            if m["role"] == "system":
-                return m["content"]
-    return ""
+    """The system message the run was trained with (`chat.system_prompt`), if any."""
+    return system_prompt(run_folder(name)) if name else ""
 
 
 def refresh(current):
