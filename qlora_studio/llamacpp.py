@@ -212,6 +212,10 @@ def run_converter(script: Path, args: list[str], progress: Progress | None = Non
         errors = [ln for ln in out if ln.startswith(("ERROR", "Traceback")) or re.match(r"^\w*(Error|Exception)\b", ln)]
         detail = errors[-1] if errors else (out[-1] if out else f"exit code {proc.returncode}")
         hint = _missing_module_hint(text)
+        if "pre-tokenizer was not recognized" in text:
+            hint = ("llama.cpp's converter does not know this tokenizer (it checks a hash of how it splits a test "
+                    "text) and will not guess: a model whose tokenizer files were changed, or a newer model than "
+                    f"llama.cpp {LLAMA_CPP_PYTHON_VERSION}'s converter knows")
         raise ToolError(f"llama.cpp's {Path(script).name} failed: {detail}",
                         hint=hint or "the converter's full output is in the export folder's export.log")
     return text

@@ -192,7 +192,7 @@ def _run(nodes: list, scope: _Scope, dot, out: list[str]) -> None:
             out.append(node)
         elif node[0] == "out":
             value = _eval(node[1], scope, dot)
-            out.append("" if value is None else str(value))
+            out.append("<no value>" if value is None else str(value).lower() if isinstance(value, bool) else str(value))
         elif node[0] == "set":
             name, op, *expr = node[1]
             value = _eval(expr, scope, dot)
