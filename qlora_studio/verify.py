@@ -117,7 +117,7 @@ def greedy(model, tok, texts: list[str], n: int = MAX_NEW_TOKENS) -> list[list[i
     out = []
     for text in texts:
         enc = tok(text, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
+        with torch.inference_mode():
             gen = model.generate(**enc, max_new_tokens=n, do_sample=False, temperature=None, top_p=None, top_k=None,
                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                                  eos_token_id=tok.eos_token_id)
@@ -125,44 +125,43 @@ def greedy(model, tok, texts: list[str], n: int = MAX_NEW_TOKENS) -> list[list[i
     return out
 
 
-def agreement(model, tok, texts: list[str], continuations: list[list[int]]) -> tuple[int, int]:
-    """(matches, total): how often ``model``'s top-1 next token is the reference's along its continuation."""
+def picks(model, tok, texts: list[str], continuations: list[list[int]]) -> list[list[int]]:
+    """``model``'s top-1 next token at each step of the reference continuations (one forward per prompt).
+    Where every pick is the reference's token, ``model``'s own greedy continuation is that same one: greedy
+    decoding is exactly this choice, step after step."""
     import torch
 
-    hits = total = 0
+    out = []
     for text, cont in zip(texts, continuations):
-        if not cont:
-            continue
         prompt = tok(text, add_special_tokens=False).input_ids
-        ids = torch.tensor([prompt + cont])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0]
-        picks = logits[len(prompt) - 1:len(prompt) - 1 + len(cont)].argmax(-1).tolist()
-        hits += sum(int(a == b) for a, b in zip(picks, cont))
-        total += len(cont)
-    return hits, total
+        if not cont:
+            out.append([])
+            continue
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([prompt + cont])).logits[0]
+        out.append(logits[len(prompt) - 1:len(prompt) - 1 + len(cont)].argmax(-1).tolist())
+    return out
 
 
 def compare_models(reference, test, tok, texts: list[str], quant: str, label: str) -> tuple[list[dict], list]:
     """Greedy continuations and top-1 agreement of ``test`` against ``reference`` (the same tokenizer)."""
     want = greedy(reference, tok, texts)
-    got = greedy(test, tok, texts)
+    got = picks(test, tok, texts, want)
     same = sum(int(a == b) for a, b in zip(want, got))
-    hits, total = agreement(test, tok, texts, want)
+    hits = sum(int(x == y) for a, b in zip(want, got) for x, y in zip(a, b))
+    total = sum(len(a) for a in want)
     rate = hits / total if total else 1.0
     exact = quant in EXACT
     ok = same == len(texts) if exact else rate >= MIN_AGREEMENT.get(quant, 0.9)
     detail = (f"{label}: the same greedy continuation on {same} of {len(texts)} prompts, top-1 agreement "
               f"{rate:.1%} ({hits}/{total} tokens)")
-    if not ok:
-        first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
-        if exact and first is not None:
-            k = next((j for j, (x, y) in enumerate(zip(want[first], got[first])) if x != y),
-                     min(len(want[first]), len(got[first])))
-            detail += (f"; prompt {first + 1} differs from token {k}: {tok.decode(want[first][k:k + 8])!r} "
-                       f"vs {tok.decode(got[first][k:k + 8])!r}")
-        elif not exact:
-            detail += f" < {MIN_AGREEMENT.get(quant, 0.9):.0%}"
+    first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+    if not ok and first is not None:
+        k = next(j for j, (x, y) in enumerate(zip(want[first], got[first])) if x != y)
+        detail += (f"; prompt {first + 1} differs at token {k + 1}: {tok.decode(want[first][k:k + 1])!r} expected, "
+                   f"{tok.decode(got[first][k:k + 1])!r} picked")
+        if not exact:
+            detail += f"; {MIN_AGREEMENT.get(quant, 0.9):.0%} needed"
     return [check(label, ok, detail, agreement=round(rate, 4), identical=same, prompts=len(texts))], want
 
 

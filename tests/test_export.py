@@ -195,6 +195,20 @@ def test_tiny_model_merged_and_adapter_exports(qwen_run):
     assert yaml.safe_load(card.split("---")[1])["library_name"] == "peft"
 
 
+def test_q4_k_m_and_llama_cpp_itself_where_it_is_installed(qwen_run):
+    """With llama-cpp-python (the llama_cpp extra): q4_k_m by llama.cpp's quantizer, and llama.cpp's own
+    tokenizer and greedy continuation in the verification."""
+    if not llamacpp.runtime_available():
+        pytest.skip("llama-cpp-python is not installed (pip install 'qlora-studio[llama_cpp]')")
+    result = export_run(qwen_run, "gguf", "q4_k_m")
+    checks = {c["name"]: c for c in result.verified["checks"]}
+    assert result.verified["gguf"]["file_type"] == "MOSTLY_Q4_K_M" and result.verified["llama_cpp"]
+    assert checks["llama.cpp tokenizer"]["ok"], checks["llama.cpp tokenizer"]["detail"]
+    assert "llama.cpp generation" in checks and "agreement" in checks["generation"]
+    f16 = export_run(qwen_run, "gguf", "f16")
+    assert f16.ok, f16.verified["summary"]  # 16-bit: llama.cpp continues every prompt as the merged model does
+
+
 def test_a_dora_adapter_is_exported_without_a_lora_gguf_and_says_why(qwen_run, tmp_path):
     copy = RunFolder(shutil.copytree(qwen_run.path, tmp_path / "dora-run", ignore=shutil.ignore_patterns("exports")))
     cfg = json.loads((copy.adapter / "adapter_config.json").read_text())
