@@ -186,8 +186,15 @@ def cmd_export(args) -> int:
     """A run as files to take home (GGUF + Modelfile, GGUF, merged, adapter), verified; folder last."""
     from .export import export_run
 
-    result = export_run(args.run, args.format, args.quant, args.output,
-                        progress=lambda f, m: print(f"[{int(f * 100):3d}%] {m}", file=sys.stderr, flush=True))
+    shown = [(-1, "")]
+
+    def progress(fraction: float, message: str) -> None:  # a line per stage, or per 5% of one
+        key = (int(fraction * 20), message.split(":")[0])
+        if key != shown[-1]:
+            shown.append(key)
+            print(f"[{int(fraction * 100):3d}%] {message}", file=sys.stderr, flush=True)
+
+    result = export_run(args.run, args.format, args.quant, args.output, progress=progress)
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     v = result.verified

@@ -8,8 +8,11 @@ came from, on the run's own prompts. The result goes into the export folder as `
   model's continuation. A 16-bit file must continue every prompt exactly as the merged model does; a
   quantized one must agree on at least `MIN_AGREEMENT` of the tokens (the figure is stated either way).
   With llama-cpp-python installed, llama.cpp itself tokenizes and continues the prompts too.
-- A merged folder: loaded back with transformers and compared with base + adapter (unmerged, fp32).
+- A merged folder: loaded back with transformers and compared with base + adapter (unmerged).
 - A LoRA GGUF: every lora_a / lora_b tensor read back and compared with the PEFT adapter's.
+
+The two models of a comparison are loaded one after the other, in float32 up to 3B parameters and in
+bfloat16 above (`compute_dtype`; a 16-bit file still matches exactly there).
 
 A check that fails says what differs; the files are kept either way.
 """
@@ -24,6 +27,7 @@ MAX_NEW_TOKENS = 24
 # Top-1 agreement a quantized file must reach (per quant); 16-bit files must match exactly.
 MIN_AGREEMENT = {"q8_0": 0.9, "q4_k_m": 0.75, "merged": 0.9}
 EXACT = ("f16", "bf16", "f32")
+FP32_MAX_PARAMS = 3_000_000_000
 FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_k_m": "MOSTLY_Q4_K_M",
               "f32": "ALL_F32"}
 
@@ -143,10 +147,27 @@ def picks(model, tok, texts: list[str], continuations: list[list[int]]) -> list[
     return out
 
 
-def compare_models(reference, test, tok, texts: list[str], quant: str, label: str) -> tuple[list[dict], list]:
-    """Greedy continuations and top-1 agreement of ``test`` against ``reference`` (the same tokenizer)."""
+def compute_dtype(params: int):
+    """float32 for both models of a comparison up to `FP32_MAX_PARAMS` (one at a time: 4 bytes a
+    parameter); bfloat16 above, where a 16-bit file still matches exactly (bf16 weights survive f16 and back)."""
+    import torch
+
+    return torch.float32 if params <= FP32_MAX_PARAMS else torch.bfloat16
+
+
+def compare_models(load_reference, load_test, tok, texts: list[str], quant: str, label: str) -> tuple[list[dict], list]:
+    """Greedy continuations and top-1 agreement of the model ``load_test()`` returns against the one
+    ``load_reference()`` returns (the same tokenizer); one model in memory at a time."""
+    import gc
+
+    reference = load_reference()
     want = greedy(reference, tok, texts)
+    del reference
+    gc.collect()
+    test = load_test()
     got = picks(test, tok, texts, want)
+    del test
+    gc.collect()
     same = sum(int(a == b) for a, b in zip(want, got))
     hits = sum(int(x == y) for a, b in zip(want, got) for x, y in zip(a, b))
     total = sum(len(a) for a in want)
@@ -196,7 +217,6 @@ def llama_cpp_checks(gguf_path: Path, tok, texts: list[str], reference: list[lis
 def verify_gguf(gguf_path: Path, merged: Path, conversations: list[list[dict]], quant: str, stops: list[str],
                 template_bos: str = "", progress: Progress | None = None) -> dict:
     """The GGUF against the merged model it was converted from."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import llamacpp
@@ -212,13 +232,14 @@ def verify_gguf(gguf_path: Path, merged: Path, conversations: list[list[dict]], 
     progress(0.2, "loading the GGUF back with transformers")
     folder, name = str(gguf_path.parent), gguf_path.name
     gtok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    gmodel = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    reference = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
     checks.append(tokenizer_check(tok, gtok, texts, "tokenizer"))
-    progress(0.5, "comparing greedy continuations with the merged model")
-    found, continuations = compare_models(reference, gmodel, tok, texts, quant, "generation")
+    progress(0.3, "comparing greedy continuations with the merged model")
+    dtype = compute_dtype(_params(merged))
+    found, continuations = compare_models(
+        lambda: AutoModelForCausalLM.from_pretrained(str(merged), dtype=dtype).eval(),
+        lambda: AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype).eval(),
+        tok, texts, quant, "generation")
     checks += found
-    del gmodel, reference
     runtime = None
     if llamacpp.runtime_available():
         progress(0.8, "generating with llama.cpp")
@@ -227,7 +248,22 @@ def verify_gguf(gguf_path: Path, merged: Path, conversations: list[list[dict]], 
     progress(1.0, "verified")
     shown = {k: v for k, v in meta.items() if k not in ("tokens", "tensors", "chat_template", "lora_alpha")}
     return summarize(checks, gguf=dict(shown, chat_template=bool(meta["chat_template"])), prompts=texts,
-                     reference=[tok.decode(c) for c in continuations], llama_cpp=runtime)
+                     reference=[tok.decode(c) for c in continuations], llama_cpp=runtime, compute_dtype=str(dtype))
+
+
+def _params(folder: Path) -> int:
+    """Parameters of a safetensors model folder, from its tensors' shapes (no weights read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in Path(folder).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total
 
 
 def verify_merged(folder: Path, base: Path, adapter: Path, run_tokenizer: Path, conversations: list[list[dict]],
@@ -235,7 +271,6 @@ def verify_merged(folder: Path, base: Path, adapter: Path, run_tokenizer: Path, 
     """The exported merged folder, loaded back, against base + adapter (unmerged, fp32)."""
     import json
 
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -254,14 +289,16 @@ def verify_merged(folder: Path, base: Path, adapter: Path, run_tokenizer: Path, 
     same = chat_template_text(tok) == chat_template_text(run_tok)
     checks.append(check("chat template", same, "chat template identical to the run's" if same
                         else "chat template differs from the run's"))
-    exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    progress(0.4, "loading base + adapter")
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
-                                          str(adapter)).eval()
-    progress(0.6, "comparing greedy continuations with base + adapter")
-    found, continuations = compare_models(reference, exported, tok, texts, "merged", "generation")
+    progress(0.2, "comparing greedy continuations of base + adapter and the merged model")
+    dtype = compute_dtype(_params(folder))
+    found, continuations = compare_models(
+        lambda: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype),
+                                          str(adapter)).eval(),
+        lambda: AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval(),
+        tok, texts, "merged", "generation")
     progress(1.0, "verified")
-    return summarize(checks + found, prompts=texts, reference=[tok.decode(c) for c in continuations])
+    return summarize(checks + found, prompts=texts, reference=[tok.decode(c) for c in continuations],
+                     compute_dtype=str(dtype))
 
 
 def verify_lora(lora_gguf: Path, adapter: Path, quant: str) -> dict:

@@ -116,6 +116,62 @@ def test_the_table_reproduces_real_chat_templates(llama_tools, embedded_tok):
     assert unknown is None and "not ChatML" in why
 
 
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+func main() {
+	var cases []struct {
+		Template string
+		Data     map[string]any
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
+		panic(err)
+	}
+	var out []string
+	for _, c := range cases {
+		t := template.Must(template.New("t").Parse(c.Template))
+		var b strings.Builder
+		if err := t.Execute(&b, c.Data); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+def test_go_itself_renders_the_templates_as_the_tests_do(llama_tools, embedded_tok, tmp_path):
+    """Where Go is installed, its own text/template (what Ollama runs) renders every family's TEMPLATE
+    exactly as tests/gotemplate.py does, on the conversations the tests use."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("Go is not installed (Debian: apt-get install golang-go)")
+    cases = []
+    for name in ["", *UPSTREAM]:
+        template = (llama_tools.templates / f"{name}.jinja").read_text() if name else None
+        m, _ = match_format(embedded_tok, template)
+        for conversation in (PROBE, TWO_TURNS, PROBE[:1]):
+            messages = ([{"role": "system", "content": m.default_system}] if m.default_system and conversation
+                        is not TWO_TURNS else []) + conversation
+            data = {"System": "\n\n".join(x["content"] for x in messages if x["role"] == "system"),
+                    "Messages": [{"Role": x["role"], "Content": x["content"]} for x in messages]}
+            cases.append({"Template": go_template(m), "Data": data})
+    (tmp_path / "main.go").write_text(GO_RENDER)
+    env = dict(os.environ, GOCACHE=str(tmp_path / "cache"), GOPATH=str(tmp_path / "gopath"), GOFLAGS="-mod=mod",
+               GO111MODULE="off")
+    done = subprocess.run([go, "run", str(tmp_path / "main.go")], input=json.dumps(cases), capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [go_render(c["Template"], c["Data"]) for c in cases]
+
+
 def test_adapters_llama_cpp_cannot_apply_are_named():
     assert "DoRA" in adapter_gguf_problem({"use_dora": True})
     assert "rsLoRA" in adapter_gguf_problem({"use_rslora": True})

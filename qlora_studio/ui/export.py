@@ -53,12 +53,12 @@ def build(ctx) -> None:
         gr.Markdown("The run above as files that run outside the studio, each checked by a round trip (the GGUF "
                     "read back and compared with the merged model on the run's own prompts).",
                     elem_classes=["qs-muted"])
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=False):
             ctx.ex_format = gr.Radio(FORMAT_CHOICES, value=DEFAULT_FORMAT, label="Format", elem_id="export-format",
                                      scale=3)
             ctx.ex_quant = gr.Radio(quant_choices(), value=DEFAULT_QUANT, label="GGUF number format",
                                     elem_id="export-quant", scale=2)
-            ctx.ex_button = gr.Button("Export", variant="primary", elem_id="export-button", scale=1)
+            ctx.ex_button = gr.Button("Export", variant="primary", elem_id="export-button", scale=1, min_width=120)
         gr.Markdown(quant_note(), elem_classes=["qs-muted"])
         ctx.ex_status = gr.HTML(elem_id="export-status")
         ctx.ex_command = gr.Code(label="Run it in Ollama (copy this command)", language="shell", interactive=False,
