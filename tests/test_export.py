@@ -317,7 +317,7 @@ def test_embedded_run_exports_to_ollama_from_the_command_line(session_home, embe
     from transformers import AutoTokenizer
 
     data = write_sql_like_data(tmp_path_factory.mktemp("emb-data") / "toy.jsonl")
-    run = prepare_run(TrainConfig(model="embedded", data=str(data), max_steps=6, batch_size=4, learning_rate=1e-3,
+    run = prepare_run(TrainConfig(model="embedded", data=str(data), max_steps=2, batch_size=2, learning_rate=1e-3,
                                   max_seq_len=64, eval_fraction=0, quant="none", lora_dropout=0.0, save_steps=1000,
                                   name="emb-export"))
     assert run_training(run)["state"] == "completed"
