@@ -5,6 +5,7 @@ Modelfile's Go template the way Ollama does (tests/gotemplate.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -170,6 +171,28 @@ def test_go_itself_renders_the_templates_as_the_tests_do(llama_tools, embedded_t
                           text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [go_render(c["Template"], c["Data"]) for c in cases]
+
+
+def test_a_model_of_no_known_family_gets_no_template_and_a_warning(llama_tools, embedded_tok):
+    from qlora_studio.chat_formats import modelfile
+
+    tok = copy.deepcopy(embedded_tok)
+    tok.chat_template = (llama_tools.templates / "Qwen3.5-4B.jinja").read_text()  # a thinking template
+    text, info = modelfile("m-q8_0.gguf", tok, None, title="m")
+    assert modelfile_parts(text)["TEMPLATE"] is None and "no TEMPLATE" in text
+    assert info["format"] is None and "Ollama will guess" in info["warnings"][0]
+    assert modelfile_parts(text)["stop"] == ["<|im_end|>"] and modelfile_parts(text)["FROM"] == "./m-q8_0.gguf"
+
+
+def test_a_converter_failure_is_its_own_message_not_a_traceback(llama_tools, tmp_path):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"architectures": ["NoSuchModelForCausalLM"], "model_type": "nosuch"}))
+    with pytest.raises(llamacpp.ToolError, match="convert_hf_to_gguf.py failed: .*NoSuchModelForCausalLM") as e:
+        llamacpp.run_converter(llama_tools.tools.convert_hf, [str(bad), "--outfile", str(tmp_path / "x.gguf")])
+    assert "Traceback" not in str(e.value)
+    assert "pip install sentencepiece" in llamacpp._missing_module_hint("ModuleNotFoundError: No module named "
+                                                                        "'sentencepiece'")
 
 
 def test_adapters_llama_cpp_cannot_apply_are_named():
