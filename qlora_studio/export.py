@@ -148,7 +148,8 @@ def check_disk(run: RunFolder, fmt: str, quant: str, dest: Path) -> None:
 
 def run_prompts(run: RunFolder, n: int = N_PROMPTS) -> tuple[list[list[dict]], str]:
     """Conversations to verify with, from the run's own data (its held-out file if it has one): the last
-    ``n`` examples, each up to its final assistant reply; the probe conversation when none can be read."""
+    ``n`` examples, each up to its final assistant reply (a text example: its first 200 characters as a user
+    turn); the probe conversation when none can be read."""
     from .chat_formats import PROBE
     from .data import load_examples
 
@@ -218,6 +219,9 @@ def export_run(run: str | Path | RunFolder, fmt: str = DEFAULT_FORMAT, quant: st
         raise ExportError(f"{run.name}: no adapter yet (the run has not finished, or was stopped before saving one)",
                           hint="export a completed (or stopped) run")
     dest = Path(output).expanduser().resolve() if output else default_folder(run, fmt, quant)
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / "verify.json").is_file())):
+        raise ExportError(f"--output: {dest} exists and is not an export folder; an export replaces its folder "
+                          "whole", field="output", hint="name a new or empty folder (or an earlier export's)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     base = _base_path(run)
     _refuse_quantized(base, "base model")

@@ -300,6 +300,12 @@ def test_a_dora_adapter_is_exported_without_a_lora_gguf_and_says_why(qwen_run, t
 def test_refusals_name_the_field_and_the_way_out(qwen_run, tmp_path):
     with pytest.raises(ExportError, match="--quant: a LoRA GGUF"):
         export_run(qwen_run, "adapter", "q4_k_m")
+    mine = tmp_path / "my-files"  # an export replaces its folder whole: never a folder of something else
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="--output: .*my-files exists and is not an export folder"):
+        export_run(qwen_run, "gguf", "f16", output=mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
     if not llamacpp.runtime_available():
         with pytest.raises(ExportError, match="quantizer") as e:
             export_run(qwen_run, "ollama", "q4_k_m")
