@@ -8,6 +8,7 @@ README.md (a Hub download keeps it). Where nothing says, the card says "unknown"
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def _front_matter(readme: Path) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
+@functools.lru_cache(maxsize=8)
 def _gguf_license(path: Path) -> str | None:
     try:
         from gguf import GGUFReader
