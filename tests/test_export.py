@@ -265,8 +265,15 @@ def test_tiny_model_merged_and_adapter_exports(qwen_run):
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md",
             "verify.json"} <= set(merged.files) and "studio_merged.json" not in merged.files
     assert "quantization_config" not in json.loads((merged.folder / "config.json").read_text())
-    adapter = export_run(qwen_run, "adapter", "f16")
-    assert adapter.ok, adapter.verified["summary"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "qlora_studio.cli", "export", str(qwen_run.path), "--format", "adapter",
+                          "--quant", "f16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("verified: all checks passed") and Path(lines[-1]) == qwen_run.path / "exports" / "adapter-f16"
+    adapter = SimpleNamespace(folder=Path(lines[-1]), files=sorted(str(p.relative_to(lines[-1])) for p in
+                                                                   Path(lines[-1]).rglob("*") if p.is_file()),
+                              verified=json.loads((Path(lines[-1]) / "verify.json").read_text()))
     assert "adapter/adapter_model.safetensors" in adapter.files and "tiny-qwen-lora-f16.gguf" in adapter.files
     values = next(c for c in adapter.verified["checks"] if c["name"] == "values")
     assert values["ok"] and "within" in values["detail"]
