@@ -43,6 +43,22 @@ def _base_path(run: RunFolder) -> Path:
     return resolve_model(cfg.get("model")).path
 
 
+def system_prompt(run: RunFolder) -> str:
+    """The system message the run was trained with (the first one in its data), or "" (the Chat tab's
+    default and the exported Modelfile's SYSTEM)."""
+    from .data import load_examples
+
+    try:
+        examples, _ = load_examples(run.config().get("data") or "")
+    except Exception:  # the data file gone or unreadable: no system prompt to offer
+        return ""
+    for ex in examples[:50]:
+        for m in ex.messages or []:
+            if m["role"] == "system":
+                return m["content"]
+    return ""
+
+
 def merge_run(run: str | Path | RunFolder, progress: Callable[[float, str], None] | None = None, force: bool = False,
               dtype: str | None = None) -> Path:
     """Merge the run's adapter into the base; returns the merged folder (cached).

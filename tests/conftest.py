@@ -12,6 +12,9 @@ import pytest
 # Tests never reach a model hub, whatever the machine's network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# llama.cpp's converters (fetched on the first export, about 77 MB) are kept across test sessions here,
+# for every process the tests start (the app's server included).
+os.environ.setdefault("QLORA_STUDIO_TOOLS", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "qlora-studio-tools"))
 
 
 @pytest.fixture(scope="session")

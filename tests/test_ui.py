@@ -4,7 +4,8 @@ app server (`qlora-studio serve` in a subprocess, on a free loopback port, with 
 Page loads -> hardware tab shows the CPU notice and the memory chart -> the sample data previews ->
 a short run on the embedded model starts, its loss plot gains points, a second Start is refused,
 Stop stops it -> a fresh page load still shows it (stopped) -> the chat tab answers from the merged
-model. A screenshot of each tab goes to artifacts/screenshots/.
+model -> the run is exported for Ollama from the chat tab. A screenshot of each tab goes to
+artifacts/screenshots/.
 
 The tests run in file order and share one server and one browser (each step builds on the last).
 """
@@ -306,6 +307,29 @@ def test_chat_replies_from_the_merged_model(page, server):
     assert (server.home / "runs" / RUN_NAME / "merged" / "studio_merged.json").is_file()
     assert "merged" in page.locator("#merge-status").inner_text()
     shot(page, "chat")
+
+
+def test_export_from_the_chat_tab(page, server):
+    """The run above, exported for Ollama from the page: progress, the verification, the command to copy."""
+    open_tab(page, "chat")
+    wait_for(lambda: page.locator("#chat-run input").first.input_value() == RUN_NAME, 30, "the run in the chat tab")
+    page.click("#export-section button.label-wrap, #export-section > button")
+    page.wait_for_selector("#export-button", state="visible")
+    assert page.locator("#export-format input[value=ollama]").is_checked()
+    assert page.locator("#export-quant input[value=q8_0]").is_checked()
+    page.click("#export-button")
+    status = page.locator("#export-status")
+    wait_for(lambda: "Exported to" in status.inner_text() or "error" in (status.inner_html() or ""), 600,
+             "the export and its verification")
+    text = status.inner_text()
+    assert "verified." in text, text
+    assert page.locator("#export-checks tr", has_text="generation").count() == 1
+    folder = server.home / "runs" / RUN_NAME / "exports" / "ollama-q8_0"
+    command = page.locator("#export-command").inner_text()
+    assert f"ollama create {RUN_NAME} -f {folder / 'Modelfile'}" in command, command
+    assert json.loads((folder / "verify.json").read_text())["ok"] is True
+    assert (folder / f"{RUN_NAME}-q8_0.gguf").is_file() and (folder / "README.md").is_file()
+    shot(page, "export")
 
 
 def test_help_tab(page):

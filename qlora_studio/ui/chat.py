@@ -1,5 +1,5 @@
 """Chat tab: pick a run, merge it (once; cached in the run folder), and talk to the fine-tuned model
-next to the base model it started from, on the same prompt."""
+next to the base model it started from, on the same prompt; then export it (`ui/export.py`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..chat import ChatError, merge_run, stream_reply
-from ..data import load_examples
+from ..chat import ChatError, merge_run, stream_reply, system_prompt
 from ..home import runs_dir
 from ..manager import get_manager
+from . import export as export_section
 from .common import chat_models, notice, read_json, run_folder, safe
 
 
@@ -36,19 +36,8 @@ def merged_state(name: str | None) -> str:
 
 
 def system_prompt_of(name: str | None) -> str:
-    """The system message the run was trained with (its data's first one), if any."""
-    if not name:
-        return ""
-    cfg = run_folder(name).config()
-    try:
-        examples, _ = load_examples(cfg.get("data", ""))
-    except Exception:
-        return ""
-    for ex in examples[:50]:
-        for m in ex.messages or []:
-            if m["role"] == "system":
-                return m["content"]
-    return ""
+    """The system message the run was trained with (`chat.system_prompt`), if any."""
+    return system_prompt(run_folder(name)) if name else ""
 
 
 def refresh(current):
@@ -151,6 +140,7 @@ def build(ctx) -> None:
         ctx.ch_send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
         ctx.ch_clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
     ctx.ch_notice = gr.HTML(elem_id="chat-notice")
+    export_section.build(ctx)
 
 
 def wire(ctx) -> None:
@@ -167,3 +157,4 @@ def wire(ctx) -> None:
     ctx.ch_send.click(send_safe, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
     ctx.ch_prompt.submit(send_safe, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
     ctx.ch_clear.click(lambda: ([], [], ""), None, [ctx.ch_tuned, ctx.ch_base, ctx.ch_notice], queue=False)
+    export_section.wire(ctx)
