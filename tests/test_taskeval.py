@@ -142,6 +142,7 @@ def cli(*args, home: Path, timeout: int = 900):
 
 def test_the_eval_verb_prints_json_and_reuses_the_base_models_answers(ticket_run, tmp_path):
     home = tmp_path / "home"
+    evaluate_run(ticket_run.path)  # the base's answers cached (already, when the test above ran)
     out = cli("eval", ticket_run.path, "--json", home=home)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
