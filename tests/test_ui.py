@@ -259,7 +259,10 @@ def test_training_runs_live_refuses_a_second_start_and_stops(page):
     wait_for(lambda: page.locator("#run-state").inner_text() == "stopped", 120, "the run to stop")
     wait_for(lambda: plot_points(page, "loss-plot") >= 2, 90, "both steps on the loss plot")
     log = page.locator("#run-log textarea").input_value()
-    assert "stop requested during an evaluation" in log and "stopped at step 2" in log
+    # Stopped at the step the page showed, never training on. Whether the click landed inside the evaluation
+    # or just after it depends on timing (the page's view of a CPU run can be 15 s old); the abandoned
+    # evaluation itself is checked deterministically in tests/test_run_phases.py.
+    assert "stopped at step 2" in log and "step 3/" not in log, log
     assert page.locator("#train-notice").inner_text().strip() == "", "no stale 'Stopping ...' once it stopped"
     panel = page.locator("#findings").inner_text()
     assert panel.strip(), "the findings panel says something (findings, or that nothing looks wrong)"
