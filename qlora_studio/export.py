@@ -19,7 +19,6 @@ Every export ends with `verify` (``verify.json``); one that fails keeps its file
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from .diskspace import folder_bytes, free_bytes
+from .datafile import file_sha256
 from .errors import StudioError
 from .runs import RunFolder, resolve_run
 
@@ -182,13 +182,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _refuse_quantized(folder: Path, what: str) -> None:
     config = json.loads((Path(folder) / "config.json").read_text())
@@ -336,7 +329,7 @@ def _export_adapter(tmp, run, base, quant, tools, log, warnings, progress) -> di
     info = base_model_info(run)
 
     shutil.copytree(run.adapter, tmp / "adapter")
-    same = all(_sha256(p) == _sha256(tmp / "adapter" / p.relative_to(run.adapter))
+    same = all(file_sha256(p) == file_sha256(tmp / "adapter" / p.relative_to(run.adapter))
                for p in run.adapter.rglob("*") if p.is_file())
     checks = [check("adapter files", same, "adapter folder identical to the run's (sha256)")]
     config = json.loads((run.adapter / "adapter_config.json").read_text())

@@ -14,7 +14,6 @@ calls llama-cpp-python's compiled library (a crash in native code ends that proc
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .datafile import file_sha256
 from .errors import StudioError
 from .home import studio_home
 
@@ -73,13 +73,6 @@ def tools_dir() -> Path:
     return base / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _quiet(progress: Progress | None) -> Progress:
     return progress or (lambda f, m: None)
@@ -92,7 +85,7 @@ def download_sdist(dest: Path, progress: Progress | None = None) -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / SDIST_NAME
-    if target.is_file() and _sha256(target) == LLAMA_CPP_PYTHON_SHA256:
+    if target.is_file() and file_sha256(target) == LLAMA_CPP_PYTHON_SHA256:
         return target
     progress(0.0, f"downloading llama.cpp's converter (llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} source, "
                   f"{SDIST_MB} MB, once) with pip")
@@ -112,7 +105,7 @@ def download_sdist(dest: Path, progress: Progress | None = None) -> Path:
                         hint=f"connect to the internet once, or run `pip download llama-cpp-python=="
                              f"{LLAMA_CPP_PYTHON_VERSION} --no-deps --no-binary :all: -d {dest}` where there is one "
                              f"and copy {SDIST_NAME} there")
-    digest = _sha256(target)
+    digest = file_sha256(target)
     if digest != LLAMA_CPP_PYTHON_SHA256:
         target.unlink()
         raise ToolError(f"{SDIST_NAME}: sha256 {digest} is not the pinned {LLAMA_CPP_PYTHON_SHA256}; not used",
