@@ -46,10 +46,16 @@ def _base_path(run: RunFolder) -> Path:
 def system_prompt(run: RunFolder) -> str:
     """The system message the run was trained with (the first one in its data), or "" (the Chat tab's
     default and the exported Modelfile's SYSTEM)."""
-    from .data import load_examples
+    from .data import NO_SYSTEM, load_examples
 
     try:
-        examples, _ = load_examples(run.config().get("data") or "")
+        cfg = run.config()
+    except Exception:  # a damaged config.json: no system prompt to offer
+        return ""
+    if isinstance(cfg.get("system_prompt"), str):  # set in the run's settings
+        return "" if cfg["system_prompt"].strip().lower() == NO_SYSTEM else cfg["system_prompt"]
+    try:
+        examples, _ = load_examples(cfg.get("data") or "")
     except Exception:  # the data file gone or unreadable: no system prompt to offer
         return ""
     for ex in examples[:50]:
@@ -57,6 +63,22 @@ def system_prompt(run: RunFolder) -> str:
             if m["role"] == "system":
                 return m["content"]
     return ""
+
+
+def system_messages(run: RunFolder, text: str) -> list[dict]:
+    """The system message to chat with: ``text`` when given; an empty one when the run was trained with
+    ``system_prompt: none`` (so the template's default stays out, as in training); else none."""
+    from .data import NO_SYSTEM
+
+    if text.strip():
+        return [{"role": "system", "content": text.strip()}]
+    try:
+        configured = run.config().get("system_prompt")
+    except Exception:  # a damaged config.json: as if not set
+        configured = None
+    if isinstance(configured, str) and configured.strip().lower() == NO_SYSTEM:
+        return [{"role": "system", "content": ""}]
+    return []
 
 
 def merge_run(run: str | Path | RunFolder, progress: Callable[[float, str], None] | None = None, force: bool = False,

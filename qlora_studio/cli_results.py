@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from .cli import _print_json
+from .metrics import METRICS
 
 
 def cmd_export(args) -> int:
@@ -88,7 +89,7 @@ def add_result_verbs(sub) -> None:
                                     "prompts, scored by the kind of answer")
     e.add_argument("run")
     e.add_argument("--data", help="an eval file (default: the run's test_data, else the rows it held out)")
-    e.add_argument("--metric", default="auto", choices=["auto", "exact", "f1", "rouge", "json", "sql"],
+    e.add_argument("--metric", default="auto", choices=["auto", *METRICS],
                    help="how answers are scored (default: auto, by the kind of answer)")
     e.add_argument("--db", help="the SQLite database the sql metric runs queries on (default: the run's eval_db; "
                                 "the sample warehouse for task sql)")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .metrics import METRICS
 
 AUTO = "auto"
 
@@ -76,6 +77,10 @@ class TrainConfig:
                                     group="internal")
     data_format: str | None = setting(None, "the data's format", "choice", auto=True, auto_help="detected",
                                       choices=("chat", "alpaca", "prompt_completion", "text"), group="internal")
+    system_prompt: str | None = setting(
+        None, "the system message of conversations that have none (rows with their own keep it); 'none': no "
+        "system message at all, not even the model's default", "str", auto=True,
+        auto_help="the model's default (the Data tab shows it)", group="model")
     # -- quantization and LoRA
     quant: str = setting("nf4", "how the frozen base is stored: 4-bit NF4 or FP4, or 16-bit", "choice",
                          choices=("nf4", "fp4", "none"), group="model")
@@ -120,8 +125,8 @@ class TrainConfig:
     golden_time_share: float = setting(0.25, "the most time golden prompts may take, as a share of the training "
                                        "time so far (past it they are reduced, then skipped)", "float", minimum=0,
                                        maximum=1, group="internal")
-    eval_metric: str | None = setting(None, "how answers are scored: exact, f1, rouge, json or sql", "choice",
-                                      choices=("exact", "f1", "rouge", "json", "sql"), auto=True,
+    eval_metric: str | None = setting(None, "how answers are scored: " + ", ".join(METRICS[:-1]) + " or " + METRICS[-1],
+                                      "choice", choices=METRICS, auto=True,
                                       auto_help="by the kind of answer", group="model")
     eval_db: str | None = setting(None, "SQLite database the sql metric runs queries on", "str", auto=True,
                                   auto_help="the sample warehouse for task sql", group="internal")

@@ -212,10 +212,11 @@ def _to_example(fmt: str, line: int, row: object, issues: list[DataIssue]) -> Ex
     return Example(line, messages=turns) if turns else None
 
 
-def load_examples(path: str | Path, fmt: str | None = None,
-                  max_row_chars: int | None = None) -> tuple[list[Example], DataReport]:
+def load_examples(path: str | Path, fmt: str | None = None, max_row_chars: int | None = None,
+                  system: str | None = None) -> tuple[list[Example], DataReport]:
     """Read, detect and validate a data file (rows over ``max_row_chars`` characters, by default
-    `row_char_limit()`, are errors). Raises `DataError` if nothing in it is usable."""
+    `row_char_limit()`, are errors). Raises `DataError` if nothing in it is usable. ``system``: the
+    ``system_prompt`` setting, given to conversations without a system message (`with_system`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -238,7 +239,41 @@ def load_examples(path: str | Path, fmt: str | None = None,
     by_line = dict(rows)
     empty_lines = [i.line for i in issues if i.message == "empty" and _is_answer_field(fmt, by_line.get(i.line), i.field)]
     _quality_warnings(examples, report, empty_lines)
-    return examples, report
+    return with_system(examples, system), report
+
+
+NO_SYSTEM = "none"  # the system_prompt setting's word for "no system prompt, not even the model's default"
+
+
+def with_system(examples: list[Example], system: str | None) -> list[Example]:
+    """The ``system_prompt`` setting applied: None keeps the rows as they are (a conversation without a
+    system message gets whatever the chat template adds, see `default_system_prompt`); a text becomes the
+    system message of every conversation without one; ``NO_SYSTEM`` gives those an empty one, which
+    keeps a template's default out. Rows with their own system message and text rows are unchanged."""
+    if system is None:
+        return examples
+    content = "" if system.strip().lower() == NO_SYSTEM else system
+    return [Example(ex.line, [{"role": "system", "content": content}] + ex.messages, ex.text)
+            if ex.messages and ex.messages[0]["role"] != "system" else ex for ex in examples]
+
+
+def default_system_prompt(tokenizer) -> str | None:
+    """The system prompt the chat template adds to a conversation without one (SmolLM2's "You are a
+    helpful AI assistant named SmolLM, ..."), or None when it adds none."""
+    marker, user = "\u2063SYSTEM\u2063", [{"role": "user", "content": "hi"}]
+    try:
+        with_marker = render(tokenizer, [{"role": "system", "content": marker}] + user)
+        without = render(tokenizer, user)
+    except Exception:  # a template that refuses system messages adds none either
+        return None
+    if marker not in with_marker:
+        return None
+    head, tail = with_marker.split(marker, 1)
+    tail = tail[: tail.find("hi")] if "hi" in tail else tail
+    if not without.startswith(head) or tail not in without[len(head):]:
+        return None
+    text = without[len(head): without.index(tail, len(head))]
+    return text or None
 
 
 _FIELD_OF_ROLE = {"alpaca": {"system": "system", "user": "instruction", "assistant": "output"},
@@ -410,14 +445,14 @@ class PreparedData:
 
 
 def prepare_dataset(path: str | Path, tokenizer, max_seq_len: int, eval_fraction: float = 0.1,
-                    seed: int = 42, fmt: str | None = None) -> PreparedData:
+                    seed: int = 42, fmt: str | None = None, system: str | None = None) -> PreparedData:
     """Load, validate, tokenize with masking, split into train/eval (as `datasets.Dataset`). A row the
     chat template or the tokenizer fails on is skipped and reported in ``report.errors``. The held-out
     examples (``heldout``: their lines and messages) are those of the eval split, never trained on."""
     from datasets import Dataset
 
     ensure_chat_template(tokenizer)
-    examples, report = load_examples(path, fmt, row_char_limit(max_seq_len))
+    examples, report = load_examples(path, fmt, row_char_limit(max_seq_len), system)
     rows = tokenize_all(tokenizer, examples, max_seq_len, report)
     no_target = sum(1 for r in rows if all(label == IGNORE_INDEX for label in r["labels"]))
     rows = [r for r in rows if any(label != IGNORE_INDEX for label in r["labels"])]

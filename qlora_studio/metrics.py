@@ -10,7 +10,9 @@ The metrics, by the name ``qlora-studio eval --metric`` and the ``eval_metric`` 
   words), with ``exact_match`` and ``normalized_match``;
 * ``rouge`` -- ``rouge_l``: the ROUGE-L F-measure (longest common subsequence of words) computed by the
   ``rouge-score`` package on the normalized words (any script: words are ``\\w+`` runs), with ``token_f1``
-  and ``exact_match``;
+  and ``exact_match`` and ``chrf``;
+* ``chrf`` -- ``chrf``: the character n-gram F-score (chrF, ``sacrebleu``'s implementation, on a 0-1 scale):
+  kind to inflected words and to languages without spaces, with ``rouge_l``, ``token_f1`` and ``exact_match``;
 * ``json`` -- ``json_valid`` (the reply holds a JSON value: bare, in a code fence or after prose),
   ``field_match`` (F1 of the (path, value) leaves of reply and reference; strings compared normalized,
   numbers by value) and ``exact_match`` (the same JSON value);
@@ -20,7 +22,7 @@ The metrics, by the name ``qlora-studio eval --metric`` and the ``eval_metric`` 
 `choose_metric` is the one place that decides which metric a set of references gets: the kind of
 answer (`answer_kind`: sql, json, label, short, text) picks it unless the user named one. `score`
 computes a metric's figures and a score per reply (0-1, the metric's primary figure for that row).
-Standard library and ``rouge-score`` only: no model is needed to score.
+Standard library, ``rouge-score`` and ``sacrebleu`` only: no model is needed to score.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from typing import Sequence
 
 from .errors import StudioError
 
-METRICS = ("exact", "f1", "rouge", "json", "sql")
+METRICS = ("exact", "f1", "rouge", "chrf", "json", "sql")
 # The figure each metric is judged by (the best checkpoint, "better than the base").
-PRIMARY = {"exact": "normalized_match", "f1": "token_f1", "rouge": "rouge_l", "json": "field_match",
+PRIMARY = {"exact": "normalized_match", "f1": "token_f1", "rouge": "rouge_l", "chrf": "chrf", "json": "field_match",
            "sql": "execution_accuracy"}
 KINDS = ("sql", "json", "label", "short", "text")
 AUTO_METRIC = {"sql": "sql", "json": "json", "label": "exact", "short": "exact", "text": "rouge"}
@@ -123,6 +125,21 @@ def rouge_l(reply: str, reference: str) -> float:
     if not words(reference) and not words(reply):
         return 1.0
     return _rouge.score(reference, reply)["rougeL"].fmeasure
+
+
+_chrf = None
+
+
+def chrf(reply: str, reference: str) -> float:
+    """chrF (``sacrebleu``: character 6-grams, beta 2) of ``reply`` against ``reference``, on a 0-1 scale."""
+    global _chrf
+    if _chrf is None:
+        from sacrebleu.metrics import CHRF
+
+        _chrf = CHRF()
+    if not reference.strip() and not reply.strip():
+        return 1.0
+    return _chrf.sentence_score(reply, [reference]).score / 100.0
 
 
 # ------------------------------------------------------------------ JSON
@@ -324,4 +341,6 @@ def score(metric: str, replies: Sequence[str], references: Sequence[str], *, db=
         return figures, f1
     rouge = [rouge_l(c, ref) for c, ref in zip(cleaned, references)]
     figures["rouge_l"] = _mean(rouge)
-    return figures, rouge
+    chars = [chrf(c, ref) for c, ref in zip(cleaned, references)]
+    figures["chrf"] = _mean(chars)
+    return figures, (chars if metric == "chrf" else rouge)

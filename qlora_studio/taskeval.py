@@ -65,11 +65,12 @@ def to_eval_example(ex) -> EvalExample | None:
 
 
 def examples_from_file(path, fmt: str | None = None, lines: list[int] | None = None,
-                       max_row_chars: int | None = None) -> list[EvalExample]:
-    """The prompt/answer rows of a data file (any chat-shaped format), or those on ``lines`` in that order."""
+                       max_row_chars: int | None = None, system: str | None = None) -> list[EvalExample]:
+    """The prompt/answer rows of a data file (any chat-shaped format), or those on ``lines`` in that order;
+    ``system``: the run's ``system_prompt`` setting (`data.with_system`), as training applied it."""
     from .data import load_examples
 
-    examples, report = load_examples(path, fmt, max_row_chars)
+    examples, report = load_examples(path, fmt, max_row_chars, system)
     if report.format == "text":
         raise TaskEvalError(f"{path}: plain text rows have no prompt and answer to compare", field="data",
                             hint="evaluate on rows with an answer (chat messages, prompt/completion, "
@@ -117,7 +118,8 @@ def eval_examples(run, data: str | Path | None = None) -> tuple[list[EvalExample
         if not path.is_file():
             raise TaskEvalError(f"data: {path}: no such file", field="data")
         examples = examples_from_file(path, None if data else cfg.get("data_format"),
-                                      max_row_chars=row_char_limit(cfg.get("max_seq_len")))
+                                      max_row_chars=row_char_limit(cfg.get("max_seq_len")),
+                                      system=cfg.get("system_prompt"))
         source = {"data": str(path.resolve()), "sha256": file_sha256(path), "rows": "file"}
     else:
         held = read_json(folder.path / HELDOUT_FILE) or _recompute_heldout(folder, cfg)
@@ -129,7 +131,7 @@ def eval_examples(run, data: str | Path | None = None) -> tuple[list[EvalExample
             raise TaskEvalError(f"{held['data']}: the file changed since the run started, so its held-out rows "
                                 "cannot be told apart", field="data", hint="give an eval file with --data FILE")
         examples = examples_from_file(held["data"], held.get("format"), held["lines"],
-                                      row_char_limit(cfg.get("max_seq_len")))
+                                      row_char_limit(cfg.get("max_seq_len")), cfg.get("system_prompt"))
         source = {"data": held["data"], "sha256": held["sha256"], "rows": "held-out"}
     if not examples:
         raise TaskEvalError(f"{source['data']}: no rows with an answer to evaluate", field="data")

@@ -62,7 +62,8 @@ def _prepare_data(run: RunFolder, cfg: TrainConfig, tokenizer, stored: dict, log
     from .runs import atomic_write_json
     from .taskeval import record_heldout
 
-    data = prepare_dataset(cfg.data, tokenizer, cfg.max_seq_len, cfg.eval_fraction, cfg.seed, cfg.data_format)
+    data = prepare_dataset(cfg.data, tokenizer, cfg.max_seq_len, cfg.eval_fraction, cfg.seed, cfg.data_format,
+                           cfg.system_prompt)
     rep = data.report
     log(f"data {rep.path}: format {rep.format}, {rep.usable}/{rep.rows} rows usable, "
         f"{rep.truncated} truncated at {cfg.max_seq_len}, train {len(data.train)}, eval {len(data.eval) if data.eval else 0}")
@@ -350,7 +351,8 @@ def _finish(run: RunFolder, plan: RunPlan, trainer, callback, data, result_metri
         log(f"best step {summary['best']['step']}: {summary['best']['why']}")
     run.write_summary(summary)
     state = "stopped" if callback.stopped else "completed"
-    log(f"{state} at step {step}: final loss {summary['final_loss']}, "
+    final = summary["final_loss"]
+    log(f"{state} at step {step}: final loss {f'{final:.4g}' if isinstance(final, (int, float)) else '-'}, "
         f"{summary['tokens_per_s'] or 0:.0f} non-pad tokens/s; adapter in {run.adapter}")
     return run.set_status(state, finished_at=time.time(), phase=state, step=step)
 

@@ -115,3 +115,31 @@ def test_truncation_is_counted_and_answerless_examples_dropped(embedded_path, tm
     assert any("dropped" in w for w in data.report.warnings)
     report = check_file(path, tok, 64)
     assert report.truncated == 2
+
+
+def test_the_system_prompt_setting_sets_or_clears_the_templates_default(embedded_path, tmp_path):
+    """Alpaca rows have no system message, so SmolLM2's template adds its own ("You are a helpful AI
+    assistant named SmolLM, ..."): shown by `default_system_prompt`; ``system_prompt`` replaces it
+    or, with "none", keeps it out; a row with its own system message keeps it."""
+    from qlora_studio.data import NO_SYSTEM, default_system_prompt
+    from qlora_studio.loading import load_tokenizer
+
+    tok = load_tokenizer(embedded_path)
+    default = default_system_prompt(tok)
+    assert default and "SmolLM" in default
+    path = tmp_path / "alpaca.jsonl"
+    rows = [{"instruction": f"Say {w}", "output": w} for w in ("one", "two", "three", "four")]
+    rows[0]["system"] = "Answer in one word."
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def texts(system):
+        data = prepare_dataset(path, tok, 128, eval_fraction=0, system=system)
+        return [tok.decode(ids) for ids in data.train["input_ids"]]
+
+    as_is, replaced, cleared = texts(None), texts("You are terse."), texts(NO_SYSTEM)
+    assert all(default in t for t in as_is[1:]) and "Answer in one word." in as_is[0]
+    assert all("You are terse." in t and default not in t for t in replaced[1:])
+    assert all(default not in t and "<|im_start|>system\n<|im_end|>" in t for t in cleared[1:])
+    assert "Answer in one word." in replaced[0] and "Answer in one word." in cleared[0]
+    examples, _ = load_examples(path, system="You are terse.")
+    assert [m["role"] for m in examples[1].messages] == ["system", "user", "assistant"]

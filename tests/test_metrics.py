@@ -12,7 +12,7 @@ from qlora_studio.errors import StudioError
 from qlora_studio.evaluate import warehouse_db_path
 from qlora_studio.golden import (GoldenError, best_step, choose_golden, prune_checkpoints, read_golden,
                                  sample_allowance, truncate_samples_after)
-from qlora_studio.metrics import (MetricError, answer_kind, choose_metric, normalize_text, parse_json_reply, rouge_l,
+from qlora_studio.metrics import (MetricError, answer_kind, chrf, choose_metric, normalize_text, parse_json_reply, rouge_l,
                                   score, token_f1)
 from qlora_studio.runs import RunFolder
 from qlora_studio.taskeval import EvalExample
@@ -70,6 +70,22 @@ def test_free_text_token_f1_and_rouge_l():
     assert figures["rouge_l"] == pytest.approx(0.5) and figures["token_f1"] == pytest.approx(0.5)
     assert each == [1.0, 0.0] and figures["exact_match"] == 0.5
     assert score("f1", [close], [ref])[0]["token_f1"] == pytest.approx(token_f1(close, ref))
+
+
+def test_free_text_chrf():
+    """chrF (sacrebleu) scores characters: an inflected word still earns most of its credit, where the
+    word-level scores give it none."""
+    ref = "the cats were sleeping"
+    assert chrf(ref, ref) == pytest.approx(1.0) and chrf("", "") == 1.0
+    assert chrf("xyz qqq", ref) < 0.05
+    inflected = "the cat was sleep"
+    assert chrf(inflected, ref) > 0.3 > rouge_l("cat was sleep", "cats were sleeping")
+    assert chrf("猫が寝ている", "猫が寝ていた") > 0.4  # no spaces needed
+    figures, each = score("chrf", [ref, inflected], [ref, ref])
+    assert figures["chrf"] == pytest.approx((1.0 + chrf(inflected, ref)) / 2)
+    assert each == [pytest.approx(1.0), pytest.approx(chrf(inflected, ref))]
+    assert "rouge_l" in figures and "token_f1" in figures
+    assert score("rouge", [inflected], [ref])[1] == [pytest.approx(rouge_l(inflected, ref))]  # judged by ROUGE-L
 
 
 def test_json_validity_and_field_match():

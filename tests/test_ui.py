@@ -168,6 +168,61 @@ def test_page_loads_with_the_cpu_notice_and_memory_chart(page, server):
     shot(page, "hardware")
 
 
+def pick(page, selector: str, option: str) -> None:
+    """Choose ``option`` in a Gradio dropdown as a user does: open it, type, click the option."""
+    box = page.locator(f"{selector} input").first
+    box.click()
+    box.fill(option)
+    page.locator("ul.option-list li[role=option]", has_text=option).first.click()
+
+
+def test_the_plan_follows_the_recommendation_and_a_hand_off_that_does_not_fit_is_refused(browser, server):
+    """On a page of its own (the main page's Train form stays on the cpu-demo preset)."""
+    import re
+
+    from qlora_studio.hardware import probe_gpus
+
+    p = browser.new_page(viewport={"width": 1280, "height": 900})
+    p.set_default_timeout(60_000)
+    try:
+        p.goto(server.url)
+        p.wait_for_selector("#memory-chart .js-plotly-plot")
+        follow = lambda: p.locator("#whatif-follow").inner_text()  # noqa: E731
+        model = lambda: p.locator("#whatif-model input").first.input_value()  # noqa: E731
+        recommended = lambda: re.search(r"Recommended: (\S+)", p.locator("#recommendation").inner_text())  # noqa: E731
+        wait_for(lambda: "Showing the recommendation" in follow(), 30, "the panel to show the recommendation")
+        pick(p, "#whatif-card", "RTX 4090 24 GB")
+        wait_for(lambda: "RTX 4090 24 GB" in p.locator("#recommendation").inner_text(), 30, "the 4090's recommendation")
+        rec = recommended().group(1)
+        wait_for(lambda: model() == rec, 30, f"the what-if model to follow the recommendation ({rec})")
+        # The user's own settings: the panel stops following, and a plan that does not fit is not handed over.
+        fill_number(p, "#whatif-batch", "32")
+        wait_for(lambda: "your own settings" in follow(), 30, "the panel to say it shows the user's settings")
+        pick(p, "#whatif-seq", "4096")
+        wait_for(lambda: "Does not fit" in p.locator("#memory-verdict").inner_text(), 30, "the verdict")
+        p.click("#use-plan")
+        wait_for(lambda: "Not handed over" in p.locator("#use-plan-notice").inner_text(), 30, "the refusal")
+        assert p.locator("#tab-hardware").is_visible() and not p.locator("#tab-train").is_visible()
+        shot(p, "hardware-refused")
+        pick(p, "#whatif-card", "RTX 3060 12 GB")  # the user's settings stay; the recommendation follows the card
+        wait_for(lambda: "RTX 3060 12 GB" in p.locator("#recommendation").inner_text(), 30, "the 3060's recommendation")
+        assert p.locator("#whatif-batch input").first.input_value() == "32" and model() == rec
+        p.click("#whatif-reset")
+        rec = recommended().group(1)
+        wait_for(lambda: model() == rec and "Showing the recommendation" in follow(), 30, "back to the recommendation")
+        wait_for(lambda: "Fits" in p.locator("#memory-verdict").inner_text(), 30, "the recommendation to fit")
+        p.click("#use-plan")
+        p.wait_for_selector("#tab-train", state="visible")
+        handed = p.locator("#train-notice").inner_text()
+        assert "Settings from the plan" in handed and "This plan is for a RTX 3060 12 GB" in handed, handed
+        assert "Kept from the Train tab: learning rate" in handed, handed
+        if not probe_gpus()[0]:
+            assert "no NVIDIA GPU" in handed, handed
+        shot(p, "train-handed-off")
+    finally:
+        p.close()
+
+
 def test_an_idle_page_asks_for_few_frames(browser, server):
     """Gradio's progress timer keeps asking for a frame 60 times a second once the page has loaded (the
     page-loading tracker is removed while still pending); the app's page script slows that loop down.
@@ -192,6 +247,22 @@ def test_an_idle_page_asks_for_few_frames(browser, server):
         assert counts[-1] <= 6, f"an idle page asked for {counts} frames in successive 3 s windows; the last: {frames}"
     finally:
         idle.close()
+
+
+def test_every_tab_before_the_first_run(page):
+    """The empty states: nothing looks broken or stale before there is a run (screenshots *-empty.png)."""
+    open_tab(page, "train")
+    wait_for(lambda: "no run yet" in page.locator("#run-header").inner_text(), 30, "the live view's empty state")
+    shot(page, "train-empty")
+    open_tab(page, "chat")
+    wait_for(lambda: "No run to talk to yet" in page.locator("#merge-status").inner_text(), 30, "chat's empty state")
+    shot(page, "chat-empty")
+    open_tab(page, "runs")
+    page.wait_for_selector("#runs-compare .js-plotly-plot")
+    assert "select one run" in page.locator("#runs-diff").inner_text()
+    shot(page, "runs-empty")
+    open_tab(page, "help")
+    shot(page, "help")
 
 
 def test_sample_data_previews(page):
@@ -264,6 +335,8 @@ def test_training_runs_live_refuses_a_second_start_and_stops(page):
     # evaluation itself is checked deterministically in tests/test_run_phases.py.
     assert "stopped at step 2" in log and "step 3/" not in log, log
     assert page.locator("#train-notice").inner_text().strip() == "", "no stale 'Stopping ...' once it stopped"
+    wait_for(lambda: page.locator("#train-to-chat").is_visible(), 30, "the next steps once it has an adapter")
+    assert page.locator("#train-to-eval").is_visible()
     panel = page.locator("#findings").inner_text()
     assert panel.strip(), "the findings panel says something (findings, or that nothing looks wrong)"
     page.locator("#advanced button.label-wrap, #advanced > button").first.click()  # fold it for the screenshot
@@ -287,6 +360,10 @@ def test_a_fresh_page_still_shows_the_run(browser, server):
         fresh.wait_for_selector("#runs-compare .js-plotly-plot")
         wait_for(lambda: plot_points(fresh, "runs-compare") >= 2, 30, "the run's curve in the comparison")
         shot(fresh, "runs")
+        fresh.click("#runs-chat")  # the run, opened in the Chat tab
+        fresh.wait_for_selector("#tab-chat", state="visible")
+        wait_for(lambda: fresh.locator("#chat-run input").first.input_value() == RUN_NAME, 30, "the run in Chat")
+        wait_for(lambda: "not merged yet" in fresh.locator("#merge-status").inner_text(), 30, "its merge state")
     finally:
         fresh.close()
 
@@ -296,6 +373,10 @@ def test_chat_replies_from_the_merged_model(page, server):
     wait_for(lambda: page.locator("#chat-run input").first.input_value() == RUN_NAME, 30, "the run in the chat tab")
     page.click("#chat-settings button.label-wrap")
     fill_number(page, "#chat-max", "24")
+    page.locator("#chat-examples input").first.click()  # a held-out prompt, with the answer the data gives
+    page.locator("ul.option-list li[role=option]").first.click()
+    wait_for(lambda: page.locator("#chat-prompt textarea").input_value().strip(), 30, "the held-out prompt")
+    assert "Held out from training" in page.locator("#chat-notice").inner_text()
     page.locator("#chat-prompt textarea").fill("Which products belong to Sports?")
     page.click("#chat-send")
     def reply(chat_id: str) -> str:
@@ -333,6 +414,55 @@ def test_export_from_the_chat_tab(page, server):
     assert json.loads((folder / "verify.json").read_text())["ok"] is True
     assert (folder / f"{RUN_NAME}-q8_0.gguf").is_file() and (folder / "README.md").is_file()
     shot(page, "export")
+
+
+GOLDEN_RUN = "ui-golden"
+
+
+def test_a_completed_run_shows_golden_answers_and_is_evaluated_in_one_click(page, server):
+    """A short run to completion: its golden prompts' answers appear in the Train tab; "Evaluate it" opens
+    Chat and scores the base and the fine-tuned model on the held-out rows; the Runs table shows the figure."""
+    open_tab(page, "chat")  # a small evaluation: at most 3 prompts
+    page.click("#chat-eval-section button.label-wrap, #chat-eval-section > button")
+    fill_number(page, "#chat-eval-limit", "3")
+    open_tab(page, "train")
+    page.click("#advanced button.label-wrap, #advanced > button")
+    page.wait_for_selector("#f-max-steps input", state="visible")
+    for sel, value in {"#f-max-steps": "2", "#f-batch-size": "1", "#f-max-seq-len": "256", "#f-eval-fraction": "0.05",
+                       "#f-golden-prompts": "2", "#f-golden-max-new-tokens": "16"}.items():
+        fill_number(page, sel, value)
+    page.locator("#f-quant label", has_text="none").click()
+    page.locator("#run-name-input textarea, #run-name-input input").first.fill(GOLDEN_RUN)
+    wait_for(lambda: "max_steps: 2" in page.locator("#resolved").inner_text(), 30, "the resolved settings")
+    page.click("#start")
+    wait_for(lambda: page.locator("#run-name").count() and page.locator("#run-name").inner_text() == GOLDEN_RUN,
+             60, "the live view to show the new run")
+    wait_for(lambda: page.locator("#run-state").inner_text() == "completed", 300, "the run to complete")
+    golden = json.loads((server.home / "runs" / GOLDEN_RUN / "golden.json").read_text())
+    wait_for(lambda: page.locator("#golden-samples").count(), 60, "the golden answers in the page")
+    samples = page.locator("#golden-samples").inner_text()
+    assert "What the model says now" in samples
+    rows = [json.loads(line) for line in (server.home / "runs" / GOLDEN_RUN / "samples.jsonl").read_text().splitlines()]
+    answered = [r for r in rows if "reply" in r]
+    assert answered and {r["step"] for r in answered} <= {1, 2}, rows
+    last = max(r["step"] for r in answered)  # the page shows the latest step's answers
+    assert f"step {last}" in samples, samples
+    assert all(r["prompt"][:40] in samples for r in answered if r["step"] == last), (answered, samples)
+    assert golden, "golden.json holds the chosen prompts"
+    page.locator("#advanced button.label-wrap, #advanced > button").first.click()
+    shot(page, "train-completed")
+    page.click("#train-to-eval")
+    page.wait_for_selector("#tab-chat", state="visible")
+    wait_for(lambda: page.locator("#chat-run input").first.input_value() == GOLDEN_RUN, 30, "the run in Chat")
+    result = page.locator("#chat-eval-result")
+    wait_for(lambda: result.count(), 600, "the evaluation result")
+    text = result.inner_text()
+    assert "3 held-out prompts" in text and "base model" in text and "fine-tuned" in text, text
+    shot(page, "chat-evaluated")
+    open_tab(page, "runs")
+    page.click("#runs-refresh")
+    row = page.locator("#runs-table [role=row]", has_text=GOLDEN_RUN)
+    wait_for(lambda: "(base" in row.inner_text(), 30, "the task eval column")
 
 
 def test_help_tab(page):

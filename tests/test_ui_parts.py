@@ -500,7 +500,7 @@ def test_runs_open_a_run_in_chat_and_load_its_settings_into_train(studio_home, t
 
 def test_golden_answers_and_task_evaluation_are_shown(tmp_path):
     from qlora_studio.ui.live_html import samples_html
-    from qlora_studio.ui.runs import _task_metric, evaluation_html
+    from qlora_studio.ui.evaluation import evaluation_html, task_metric as _task_metric
 
     samples = tmp_path / "samples.jsonl"
     assert samples_html(samples) == ""

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..chat import ChatError, merge_run, stream_reply, system_prompt
+from ..chat import ChatError, merge_run, stream_reply, system_messages, system_prompt
 from ..home import runs_dir
 from ..manager import get_manager
 from . import export as export_section
 from .common import chat_models, notice, read_json, run_folder, safe
+from .evaluation import evaluate_named, evaluation_html, examples_dropdown, heldout_prompts
 
 
 def chat_runs() -> list[str]:
@@ -44,6 +45,20 @@ def refresh(current):
     names = chat_runs()
     value = current if current in names else (names[0] if names else None)
     return gr.Dropdown(choices=names, value=value), merged_state(value), system_prompt_of(value)
+
+
+def pick_example(name, index):
+    """A held-out prompt into the message box, and its reference answer shown beside it."""
+    prompts = heldout_prompts(name)
+    if index is None or not isinstance(index, int) or not 0 <= index < len(prompts):
+        return gr.skip(), ""
+    question, reference = prompts[index]
+    return question, notice(f"Held out from training; the answer in the data: {reference[:400]}", "info")
+
+
+def evaluate(name, limit, progress=gr.Progress()):
+    result = evaluate_named(name, limit, progress)
+    return evaluation_html(result, elem_id="chat-eval-result")
 
 
 def _refuse_if_training(folder) -> None:
@@ -86,7 +101,7 @@ def send(prompt, name, system, temperature, top_p, max_tokens, compare, tuned_hi
     merged = merge_run(folder, progress=lambda f, m: progress(f, desc=m))
     model, tok = chat_models.get(merged)
     kw = dict(max_new_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p))
-    sys_msg = [{"role": "system", "content": system.strip()}] if (system or "").strip() else []
+    sys_msg = system_messages(folder, system or "")
 
     def conversation(hist):
         return sys_msg + [{"role": m["role"], "content": _text(m["content"])} for m in hist]
@@ -139,7 +154,19 @@ def build(ctx) -> None:
                                    elem_id="chat-prompt", scale=5, lines=1, max_lines=6)
         ctx.ch_send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
         ctx.ch_clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
+    ctx.ch_examples = gr.Dropdown(label="Try a held-out prompt", choices=[], value=None, elem_id="chat-examples")
     ctx.ch_notice = gr.HTML(elem_id="chat-notice")
+    with gr.Accordion("Evaluate on its held-out data: base vs fine-tuned", open=False,
+                      elem_id="chat-eval-section") as ctx.ch_eval_section:
+        gr.Markdown("Both models answer the prompts the run held out from training (or its test data), greedily; "
+                    "the answers are scored by their kind (exact match for labels, ROUGE-L and chrF for text, "
+                    "JSON fields, SQL execution). The base model's answers are kept, so a second evaluation "
+                    "only asks the fine-tuned model.")
+        with gr.Row(equal_height=True):
+            ctx.ch_eval_limit = gr.Number(label="at most this many prompts", value=50, precision=0, minimum=1,
+                                          elem_id="chat-eval-limit", scale=1)
+            ctx.ch_eval = gr.Button("Evaluate", elem_id="chat-evaluate", scale=1)
+        ctx.ch_eval_out = gr.HTML(elem_id="chat-eval")
     export_section.build(ctx)
 
 
@@ -147,8 +174,14 @@ def wire(ctx) -> None:
     refresh_safe = safe(lambda msg: (gr.skip(), notice(msg, "error"), gr.skip()))(refresh)
     ctx.tab_chat.select(refresh_safe, ctx.ch_run, [ctx.ch_run, ctx.ch_status, ctx.ch_system])
     ctx.ch_refresh.click(refresh_safe, ctx.ch_run, [ctx.ch_run, ctx.ch_status, ctx.ch_system])
-    ctx.ch_run.input(safe(lambda msg: (notice(msg, "error"), gr.skip()))(lambda n: (merged_state(n), system_prompt_of(n))),
-                     ctx.ch_run, [ctx.ch_status, ctx.ch_system])
+    # .change, not .input: the Train and Runs tabs set the run too ("Talk to it in Chat", "Open in Chat")
+    ctx.ch_run.change(safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip()))(
+        lambda n: (merged_state(n), system_prompt_of(n), examples_dropdown(n))),
+        ctx.ch_run, [ctx.ch_status, ctx.ch_system, ctx.ch_examples])
+    ctx.ch_examples.input(safe(lambda msg: (gr.skip(), notice(msg, "error")))(pick_example), [ctx.ch_run, ctx.ch_examples],
+                          [ctx.ch_prompt, ctx.ch_notice])
+    ctx.ch_eval.click(safe(lambda msg: notice(msg, "error"))(evaluate), [ctx.ch_run, ctx.ch_eval_limit], ctx.ch_eval_out,
+                      concurrency_limit=1, concurrency_id="generate")
     ctx.ch_merge.click(safe(lambda msg: notice(msg, "error"))(merge), ctx.ch_run, ctx.ch_status, concurrency_limit=1)
     inputs = [ctx.ch_prompt, ctx.ch_run, ctx.ch_system, ctx.ch_temp, ctx.ch_top_p, ctx.ch_max, ctx.ch_compare,
               ctx.ch_tuned, ctx.ch_base]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..data import IGNORE_INDEX, DataError, assistant_spans, load_examples, tokenize_all, tokenize_example
+from ..data import IGNORE_INDEX, DataError, assistant_spans, default_system_prompt, load_examples, tokenize_all, tokenize_example
 from .common import (DATA_SUFFIXES, MAX_UPLOAD_MB, MODEL_CHOICES, SAMPLES, data_choices, display_path, esc, fmt_size,
                      keep_upload, notice, plot_template, resolve_data_path, safe, tokenizer_for)
 
@@ -140,6 +140,12 @@ def check(source: str, model: str, max_len, row, progress=gr.Progress()):
     table, shared_system = preview_table(examples)
     if shared_system:
         summary_html = summary_html.replace("</div>", f"<br>system prompt (every row): <i>{esc(_clip(shared_system, 300))}</i></div>", 1)
+    default = default_system_prompt(tok)
+    if default and any(ex.messages and ex.messages[0]["role"] != "system" for ex in examples):
+        summary_html = summary_html.replace("</div>", (
+            f"<br>conversations without a system message get the model's default: <i>{esc(_clip(default, 300))}</i> "
+            "(the <b>system prompt</b> setting on the Train tab replaces it, or clears it with <code>none</code>)"
+            "</div>"), 1)
     idx = _pick(examples, row)
     view = example_html(tok, examples[idx], max_len)
     return (summary_html, errors, table, length_histogram(lengths, max_len, truncated),

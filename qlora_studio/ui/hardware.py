@@ -96,45 +96,69 @@ def _arch(model_name: str):
     raise ValueError(f"unknown model {model_name!r}")
 
 
-def memory_chart(card_label, model_name, quant, rank, batch, seq, targets, checkpointing):
-    """A stacked bar of the estimated peak, item by item, against the card's memory."""
-    import plotly.graph_objects as go
-
+def fit_of(card_label, model_name, quant, rank, batch, seq, targets, checkpointing):
+    """(estimate, total, usable, card name, verdict) of a what-if plan on a card; verdict "fits" (with the
+    headroom), "tight" (fits without it) or "no"."""
     card = card_for(card_label)
     total, usable, name = _card_bytes(card)
     est = estimate(_arch(model_name), quant=quant, double_quant=True, rank=int(rank), targets=targets,
                    batch=int(batch), seq=int(seq), grad_checkpointing=bool(checkpointing),
                    compute_dtype=_compute_dtype(card))
+    verdict = "fits" if est.total_bytes * (1 + HEADROOM) <= usable else "tight" if est.total_bytes <= usable else "no"
+    return est, total, usable, name, verdict
+
+
+def memory_chart(card_label, model_name, quant, rank, batch, seq, targets, checkpointing):
+    """A stacked bar of the estimated peak, item by item, against the card's memory."""
+    import plotly.graph_objects as go
+
+    est, total, usable, name, verdict = fit_of(card_label, model_name, quant, rank, batch, seq, targets, checkpointing)
     fig = go.Figure()
     for key in BREAKDOWN_KEYS:
         v = est.breakdown[key] / 2**30
         fig.add_trace(go.Bar(y=["peak"], x=[v], name=key, orientation="h", marker_color=COLORS[key],
                              hovertemplate=f"{key}: %{{x:.2f}} GiB<extra></extra>"))
     fig.add_vline(x=total / 2**30, line=dict(color="#111827", width=3))
-    fig.add_annotation(x=total / 2**30, y=1.0, yref="paper", yanchor="bottom", xanchor="right", showarrow=False,
+    xmax = max(total, est.total_bytes) / 2**30 * 1.1
+    # the card's label beside its line, on the side with room (a plan far over the card puts the line near 0)
+    fig.add_annotation(x=total / 2**30, y=1.0, yref="paper", yanchor="bottom", showarrow=False,
+                       xanchor="right" if total / 2**30 > xmax / 2 else "left",
                        text=f"{name}: {total / 2**30:.0f} GiB", font=dict(size=12, color="#111827"))
     fig.add_vline(x=usable / (1 + HEADROOM) / 2**30, line=dict(color="#6b7280", dash="dash"))
     fig.add_annotation(x=usable / (1 + HEADROOM) / 2**30, y=0.0, yref="paper", yanchor="top", xanchor="right",
                        showarrow=False, text="80% ", font=dict(size=11, color="#6b7280"))
-    xmax = max(total, est.total_bytes) / 2**30 * 1.1
     fig.update_layout(barmode="stack", height=290, template=plot_template(), xaxis=dict(title="GiB", range=[0, xmax]),
                       yaxis=dict(visible=False), margin=dict(l=16, r=16, t=70, b=90),
                       legend=dict(orientation="h", yanchor="top", y=-0.45, x=0),
                       title=dict(text=f"Estimated peak: {est.total_bytes / 2**30:.2f} GiB of {total / 2**30:.0f} GiB",
                                  x=0.01, xanchor="left"))
-    fits = est.total_bytes * (1 + HEADROOM) <= usable
-    tight = est.total_bytes <= usable
-    if fits:
-        verdict = notice(f"Fits: {gib(est.total_bytes)} of the {gib(usable)} usable on {name}, with room to spare.", "ok")
-    elif tight:
-        verdict = notice(f"Tight: {gib(est.total_bytes)} of {gib(usable)} leaves less than 20% headroom; "
+    if verdict == "fits":
+        message = notice(f"Fits: {gib(est.total_bytes)} of the {gib(usable)} usable on {name}, with room to spare.", "ok")
+    elif verdict == "tight":
+        message = notice(f"Tight: {gib(est.total_bytes)} of {gib(usable)} leaves less than 20% headroom; "
                          "a longer example or fragmentation may run out of memory.", "warn")
     else:
-        verdict = notice(f"Does not fit: {gib(est.total_bytes)} needed, {gib(usable)} usable on {name}. "
+        message = notice(f"Does not fit: {gib(est.total_bytes)} needed, {gib(usable)} usable on {name}. "
                          "Lower the batch or sequence length, " + ("use 4-bit weights, " if quant == "none" else "")
                          + "or pick a smaller model.", "error")
     assumptions = "\n".join(f"- {a}" for a in est.assumptions)
-    return fig, verdict, assumptions
+    return fig, message, assumptions
+
+
+def recommended_controls(card_label) -> tuple[str, list]:
+    """The recommendation's text for a card and the what-if controls' values that show its plan (model,
+    quant, rank, batch, seq, targets, checkpointing); the embedded model at batch 1 when nothing fits."""
+    text, plan = recommendation_md(card_for(card_label))
+    model = plan.model or EMBEDDED_ARCH
+    batch = plan.batch if plan.fits else 1
+    return text, [model, plan.quant, plan.rank, batch, plan.seq, plan.targets, plan.grad_checkpointing]
+
+
+def follow_html(following: bool, card_label: str) -> str:
+    if following:
+        return notice(f"Showing the recommendation for {card_label}; change any setting to explore your own.", "info")
+    return notice(f"Showing your own settings; the recommendation for {card_label} is above "
+                  "(\u201cBack to the recommendation\u201d shows it here again).", "info")
 
 
 def _chart_error(msg):
@@ -149,6 +173,7 @@ def build(ctx) -> None:
     ctx.hw_machine = gr.HTML(elem_id="machine-info")
     ctx.hw_recommendation = gr.Markdown(elem_id="recommendation")
     gr.Markdown("### What if …\nChange a setting and the estimate follows.")
+    ctx.hw_follow = gr.State(True)  # the controls show the recommendation until the user changes one
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=280):
             ctx.hw_card = gr.Dropdown(label="Card", choices=[g.label for g in GPU_CATALOG], value=DEFAULT_PLAN_CARD,
@@ -156,16 +181,24 @@ def build(ctx) -> None:
             names = catalog_names()
             ctx.hw_model = gr.Dropdown(label="Model", choices=names, value="Qwen2.5-1.5B", elem_id="whatif-model")
             ctx.hw_quant = gr.Radio(label="Base weights", choices=[("NF4 (4-bit)", "nf4"), ("FP4 (4-bit)", "fp4"),
-                                                                   ("none (16-bit)", "none")], value="nf4")
+                                                                   ("none (16-bit)", "none")], value="nf4",
+                                    elem_id="whatif-quant")
             with gr.Row():
-                ctx.hw_rank = gr.Slider(label="LoRA rank", minimum=4, maximum=128, step=4, value=16)
+                ctx.hw_rank = gr.Slider(label="LoRA rank", minimum=4, maximum=128, step=4, value=16, elem_id="whatif-rank")
                 ctx.hw_batch = gr.Slider(label="Batch size", minimum=1, maximum=32, step=1, value=4, elem_id="whatif-batch")
             with gr.Row():
-                ctx.hw_seq = gr.Dropdown(label="Sequence length (tokens)", choices=SEQ_CHOICES, value=512)
+                ctx.hw_seq = gr.Dropdown(label="Sequence length (tokens)", choices=SEQ_CHOICES, value=512,
+                                         elem_id="whatif-seq")
                 ctx.hw_targets = gr.Radio(label="LoRA on", choices=[("attention", "attention"), ("all linear layers", "all")],
-                                          value="all")
-            ctx.hw_ckpt = gr.Checkbox(label="Gradient checkpointing (less memory, ~30% slower)", value=True)
-            ctx.hw_use = gr.Button("Use these settings on the Train tab", elem_id="use-plan")
+                                          value="all", elem_id="whatif-targets")
+            ctx.hw_ckpt = gr.Checkbox(label="Gradient checkpointing (less memory, ~30% slower)", value=True,
+                                      elem_id="whatif-ckpt")
+            ctx.hw_follow_note = gr.HTML(elem_id="whatif-follow")
+            with gr.Row():
+                ctx.hw_reset = gr.Button("Back to the recommendation", elem_id="whatif-reset", scale=1)
+                ctx.hw_use = gr.Button("Use these settings on the Train tab", elem_id="use-plan", variant="primary",
+                                       scale=2)
+            ctx.hw_use_notice = gr.HTML(elem_id="use-plan-notice")
         with gr.Column(scale=3, min_width=360):
             ctx.hw_chart = gr.Plot(label="Estimated peak memory", elem_id="memory-chart", show_label=False)
             ctx.hw_verdict = gr.HTML(elem_id="memory-verdict")
@@ -181,46 +214,88 @@ def build(ctx) -> None:
 
 
 def _on_load_error(msg):
-    return (notice(msg, "error"),) + (gr.skip(),) * 11
+    return (notice(msg, "error"),) + (gr.skip(),) * 12
 
 
 @safe(_on_load_error)
 def on_load():
     """Fill the tab for this machine: its GPUs or the CPU notice, and a plan for the card to plan for."""
     m = machine()
-    choices = card_choices()
     card_label = _detected_label(m.gpus[0]) if m.gpus else DEFAULT_PLAN_CARD
-    card = card_for(card_label)
-    text, plan = recommendation_md(card)
-    model = plan.model or EMBEDDED_ARCH
-    batch = plan.batch if plan.fits else 1
-    chart = memory_chart(card_label, model, plan.quant, plan.rank, batch, plan.seq, plan.targets, plan.grad_checkpointing)
-    return (machine_html(), text, gr.Dropdown(choices=choices, value=card_label), model, plan.quant, plan.rank,
-            batch, plan.seq, plan.targets, *chart)
+    text, values = recommended_controls(card_label)
+    chart = memory_chart(card_label, *values)
+    return (machine_html(), text, gr.Dropdown(choices=card_choices(), value=card_label), *values, *chart,
+            follow_html(True, card_label))
+
+
+def hand_off_notice(card_label: str, verdict: str, est_bytes: int, usable: int, kept: dict) -> tuple[str, str]:
+    """(kind, message) of handing a what-if plan to the Train tab: what it needs, what was kept."""
+    here = machine()
+    this_machine = any(card_label == _detected_label(g) for g in here.gpus)
+    parts = []
+    if verdict == "tight":
+        parts.append(f"Tight on {card_label}: {gib(est_bytes)} of {gib(usable)} leaves less than 20% headroom.")
+    if not this_machine:
+        where = (f"this machine has {', '.join(g.name for g in here.gpus)}" if here.gpus
+                 else "this machine has no NVIDIA GPU, so a run started here trains on the CPU")
+        parts.append(f"This plan is for a {card_label}; {where}. The Train tab's preview shows what would run here; "
+                     f"to run this plan, start it on a machine with that card.")
+    parts.append("Kept from the Train tab: " + ", ".join(f"{k} {v}" for k, v in kept.items()) + ".")
+    return ("warn" if verdict == "tight" or not this_machine else "info"), " ".join(parts)
 
 
 def wire(ctx) -> None:
-    ctx.demo.load(on_load, None, [ctx.hw_machine, ctx.hw_recommendation, ctx.hw_card, ctx.hw_model, ctx.hw_quant,
-                                  ctx.hw_rank, ctx.hw_batch, ctx.hw_seq, ctx.hw_targets,
-                                  ctx.hw_chart, ctx.hw_verdict, ctx.hw_assumptions])
-    ctx.hw_card.change(safe(lambda msg: notice(msg, "error"))(lambda label: recommendation_md(card_for(label))[0]),
-                       ctx.hw_card, ctx.hw_recommendation, show_progress="hidden", queue=False)
+    controls = ctx.hw_controls
+    ctx.demo.load(on_load, None, [ctx.hw_machine, ctx.hw_recommendation, *controls, ctx.hw_chart, ctx.hw_verdict,
+                                  ctx.hw_assumptions, ctx.hw_follow_note])
 
-    def use_plan(card_label, model_name, quant, rank, batch, seq, targets, ckpt):
+    def card_changed(card_label, following):
+        text, values = recommended_controls(card_label)
+        shown = values if following else [gr.skip()] * len(values)
+        return (text, *shown, follow_html(following, card_label), "")
+
+    follow_outputs = [ctx.hw_model, ctx.hw_quant, ctx.hw_rank, ctx.hw_batch, ctx.hw_seq, ctx.hw_targets, ctx.hw_ckpt]
+    ctx.hw_card.input(safe(lambda msg: (notice(msg, "error"),) + (gr.skip(),) * 9)(card_changed),
+                      [ctx.hw_card, ctx.hw_follow],
+                      [ctx.hw_recommendation, *follow_outputs, ctx.hw_follow_note, ctx.hw_use_notice],
+                      show_progress="hidden")
+    for c in follow_outputs:  # the user changed a setting: the panel shows theirs from now on
+        c.input(lambda card_label: (False, follow_html(False, card_label)), ctx.hw_card,
+                [ctx.hw_follow, ctx.hw_follow_note], queue=False, show_progress="hidden")
+
+    def reset(card_label):
+        return (True, *card_changed(card_label, True)[1:])
+
+    ctx.hw_reset.click(safe(lambda msg: (gr.skip(),) * 8 + (notice(msg, "error"), gr.skip()))(reset), ctx.hw_card,
+                       [ctx.hw_follow, *follow_outputs, ctx.hw_follow_note, ctx.hw_use_notice], show_progress="hidden")
+
+    form = ctx.tr_form
+    kept_fields = ["learning_rate", "epochs", "task"]
+
+    def use_plan(card_label, model_name, quant, rank, batch, seq, targets, ckpt, data, *kept_values):
+        est, _, usable, name, verdict = fit_of(card_label, model_name, quant, rank, batch, seq, targets, ckpt)
+        if verdict == "no":
+            return {ctx.hw_use_notice: notice(
+                f"Not handed over: this plan does not fit the {name} ({gib(est.total_bytes)} needed, {gib(usable)} "
+                "usable). Lower the batch or sequence length, or pick a smaller model, until the chart says it fits.",
+                "error")}
         arch = _arch(model_name)
         hub = next((h for h in arch.hub_ids if h.lower().endswith("-instruct")), arch.hub_ids[0] if arch.hub_ids else arch.name)
         model = "embedded" if arch.name == EMBEDDED_ARCH else hub
-        form = ctx.tr_form
+        kept = {k.replace("_", " "): (v if v not in (None, "") else "auto") for k, v in zip(kept_fields, kept_values)}
+        kept["data"] = data or "none yet"
+        kind, message = hand_off_notice(card_label, verdict, est.total_bytes, usable, kept)
         return {form["model"]: model, form["quant"]: quant, form["rank"]: int(rank), form["targets"]: targets,
                 form["batch_size"]: int(batch), form["max_seq_len"]: int(seq),
                 form["gradient_checkpointing"]: "on" if ckpt else "off", ctx.tabs: gr.Tabs(selected="train"),
+                ctx.hw_use_notice: "",
                 ctx.tr_notice: notice(f"Settings from the plan: {model}, {quant}, rank {int(rank)} on {targets}, batch "
-                                      f"{int(batch)} x {int(seq)} tokens. Pick your data and press Start.", "info")}
+                                      f"{int(batch)} x {int(seq)} tokens. {message} Pick your data and press Start.",
+                                      kind)}
 
     def use_error(msg):
-        return {ctx.tr_notice: notice(msg, "error")}
+        return {ctx.hw_use_notice: notice(msg, "error")}
 
-    form = ctx.tr_form
-    ctx.hw_use.click(safe(use_error)(use_plan), ctx.hw_controls,
+    ctx.hw_use.click(safe(use_error)(use_plan), controls + [ctx.tr_data] + [form[k] for k in kept_fields],
                      [form["model"], form["quant"], form["rank"], form["targets"], form["batch_size"],
-                      form["max_seq_len"], form["gradient_checkpointing"], ctx.tabs, ctx.tr_notice])
+                      form["max_seq_len"], form["gradient_checkpointing"], ctx.tabs, ctx.tr_notice, ctx.hw_use_notice])

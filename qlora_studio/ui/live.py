@@ -218,7 +218,7 @@ def _skeleton(key: tuple, build) -> dict:
         return _skeletons[key]
 
 
-def _step_tick(last_step: float) -> int:
+def step_tick(last_step: float) -> int:
     """A whole-number tick spacing (1, 2, 5, 10, 20, 50, ...) giving at most ~8 ticks up to ``last_step``."""
     tick = 1
     while last_step / tick > 8:
@@ -233,7 +233,7 @@ def _fill(skeleton: dict, series: list[Series]) -> str:
         last = max([last] + [x for x in xs if isinstance(x, (int, float))])
         data.append(dict(trace, x=typed_array(xs), y=typed_array(ys)))
     # steps are whole numbers: ticks at whole steps only (plotly's own choice on a short run is 0.5 apart)
-    tick = _step_tick(last)
+    tick = step_tick(last)
     layout = {k: (dict(v, dtick=tick, tick0=0) if k.startswith("xaxis") else v) for k, v in skeleton["layout"].items()}
     return json.dumps({"data": data, "layout": layout}, separators=(",", ":"))
 

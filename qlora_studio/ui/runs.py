@@ -14,7 +14,8 @@ from ..ownership import describe, run_owner
 from ..runs import RunError
 from .common import (display_path, esc, fmt_duration, fmt_num, notice, plot_template, read_json, run_folder, safe,
                      typed_array)
-from .live import empty_figure, live_runs
+from .evaluation import evaluate_named, evaluation_html, task_metric
+from .live import empty_figure, live_runs, step_tick
 from .train import load_settings
 
 PALETTE = ["#4f46e5", "#f97316", "#10b981", "#ef4444", "#0ea5e9", "#8b5cf6", "#eab308", "#14b8a6"]
@@ -22,57 +23,10 @@ PALETTE = ["#4f46e5", "#f97316", "#10b981", "#ef4444", "#0ea5e9", "#8b5cf6", "#e
 NOT_SETTINGS = {"data_sha256"}  # what ran (the plan) is in plan.json, not config.json
 
 
-def _task_metric(summary: dict) -> str:
-    """The run's task evaluation for the table: "<figure> <value> (base <value>)", or "-"."""
-    task = summary.get("task_eval") or {}
-    if not isinstance(task, dict) or not isinstance(task.get("metrics"), dict):
-        return "-"
-    primary = task.get("primary")
-    value = task["metrics"].get(primary)
-    if not isinstance(value, (int, float)):
-        return "-"
-    base = (task.get("base") or {}).get(primary) if isinstance(task.get("base"), dict) else None
-    return f"{str(primary).replace('_', ' ')} {fmt_score(value)}" + (
-        f" (base {fmt_score(base)})" if isinstance(base, (int, float)) else "")
-
-
-def fmt_score(x: float) -> str:
-    return f"{x:.0%}" if 0 <= x <= 1 else f"{x:.3g}"
-
-
-def evaluation_html(result: dict, worst: int = 5) -> str:
-    """A task evaluation: each figure for the base and the fine-tuned model, and the worst answers."""
-    tuned, base = result.get("metrics") or {}, result.get("base") or {}
-    rows = []
-    for key, value in tuned.items():
-        if not isinstance(value, (int, float)):
-            continue
-        b = base.get(key)
-        mark = " <b>(judged by this)</b>" if key == result.get("primary") else ""
-        rows.append(f"<tr><td>{esc(key.replace('_', ' '))}{mark}</td><td>{fmt_score(b) if isinstance(b, (int, float)) else '-'}"
-                    f"</td><td>{fmt_score(value)}</td></tr>")
-    scored = [e for e in result.get("examples") or [] if isinstance(e.get("score"), (int, float))]
-    scored.sort(key=lambda e: e["score"])
-    items = "".join(
-        f"<li><b>line {e.get('line')}</b> (score {fmt_score(e['score'])}): {esc(str(e.get('prompt'))[:200])}<br>"
-        f"<i>answered</i> <code>{esc(str(e.get('reply'))[:300])}</code><br>"
-        f"<i>expected</i> <code>{esc(str(e.get('reference'))[:300])}</code></li>" for e in scored[:worst])
-    return (f'<div id="runs-eval-result"><p><b>{esc(result.get("run"))}</b>: {result.get("n")} held-out prompts, '
-            f'metric {esc(result.get("metric"))} ({esc(result.get("reason"))})</p>'
-            f'<table class="qs-table"><tr><th>figure</th><th>base model</th><th>fine-tuned</th></tr>{"".join(rows)}</table>'
-            + (f"<p>The worst answers:</p><ol>{items}</ol>" if items else "") + "</div>")
-
-
 def evaluate(selected, limit, progress=gr.Progress()):
     """Evaluate the selected run on (at most ``limit`` of) its held-out prompts, and the base model on the same."""
-    from ..taskeval import evaluate_run
-
     name = _one(selected)
-    if get_manager().active() is not None:
-        raise ValueError("a run is training: evaluate when it has finished (both would share the same cores or GPU)")
-    progress(0.05, desc=f"evaluating {name}: loading the model")
-    result = evaluate_run(run_folder(name).path, limit=int(limit) if limit else None,
-                          progress=lambda message: progress(0.5, desc=message))
+    result = evaluate_named(name, limit, progress)
     df, names = runs_table()
     return evaluation_html(result), df, gr.CheckboxGroup(choices=names, value=[name])
 
@@ -91,7 +45,7 @@ def runs_table():
         if owner and owner.get("pid") != os.getpid():  # watch it here; resume and delete are refused
             state = f"training in another process ({describe(owner)})"
         rows.append([r.name, state, r.model, display_path(r.data).rsplit("/", 1)[-1], fmt_num(r.final_loss),
-                     fmt_num(r.eval_loss), _task_metric(summary), fmt_duration(r.runtime_s), started])
+                     fmt_num(r.eval_loss), task_metric(summary), fmt_duration(r.runtime_s), started])
     df = pd.DataFrame(rows, columns=["run", "state", "model", "data", "final loss", "eval loss", "task eval",
                                      "train time", "started"])
     return df, [r[0] for r in rows]
@@ -110,9 +64,12 @@ def overlay(selected):
 
     selected = list(selected or [])
     if not selected:
-        return empty_figure("Compare runs", "select runs above to overlay their curves"), pd.DataFrame()
+        return (empty_figure("Compare runs", "select runs above to overlay their curves"),
+                gr.Dataframe(value=pd.DataFrame({"setting": ["select one run to see its settings, several to see what "
+                                                             "differs"]}), label="Settings"))
     fig = go.Figure()
     configs = {}
+    last = 1
     for i, name in enumerate(selected):
         folder = run_folder(name)
         try:
@@ -123,6 +80,7 @@ def overlay(selected):
         view.refresh()
         color = PALETTE[i % len(PALETTE)]
         xs, ys = view.loss.points()
+        last = max([last] + [x for x in xs if isinstance(x, (int, float))])
         fig.add_trace(go.Scatter(x=typed_array(xs), y=typed_array(ys), mode="lines", name=f"{name} train",
                                  line=dict(color=color, width=2)))
         if len(view.eval_loss):
@@ -131,6 +89,7 @@ def overlay(selected):
                                      line=dict(color=color, dash="dot")))
     fig.update_layout(title="Loss", height=360, template=plot_template(), xaxis_title="step",
                       margin=dict(l=56, r=16, t=48, b=40), legend=dict(orientation="h", y=-0.25))
+    fig.update_xaxes(rangemode="tozero", dtick=step_tick(last), tick0=0)  # whole steps
     keys = sorted({k for c in configs.values() for k in c if k not in NOT_SETTINGS})
     rows = []
     for k in keys:
@@ -147,7 +106,7 @@ def _show(key: str, value) -> str:
         return display_path(value)
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items() if k != "why")
-    return "" if value is None else str(value)
+    return "auto" if value is None else str(value)
 
 
 def _one(selected) -> str:
@@ -226,11 +185,14 @@ def build(ctx) -> None:
     with gr.Row():
         ctx.rn_resume = gr.Button("Resume selected", elem_id="runs-resume")
         ctx.rn_chat = gr.Button("Open in Chat", elem_id="runs-chat")
-        ctx.rn_eval = gr.Button("Evaluate on its held-out data", elem_id="runs-evaluate")
-        ctx.rn_eval_limit = gr.Number(label="at most this many prompts (each answered twice: base and fine-tuned)",
-                                      value=50, precision=0, minimum=1, elem_id="runs-eval-limit")
         ctx.rn_load = gr.Button("Load its settings into Train", elem_id="runs-load")
         ctx.rn_delete = gr.Button("Delete selected …", variant="stop", elem_id="runs-delete")
+    with gr.Row(equal_height=True):
+        ctx.rn_eval = gr.Button("Evaluate on its held-out data", elem_id="runs-evaluate", scale=1)
+        ctx.rn_eval_limit = gr.Number(label="at most this many prompts", info="each is answered twice: by the base and "
+                                      "the fine-tuned model", value=50, precision=0, minimum=1, elem_id="runs-eval-limit",
+                                      scale=1)
+        gr.HTML(scale=2)
     with gr.Row(visible=False, elem_id="runs-confirm") as confirm:
         ctx.rn_confirm_text = gr.Markdown()
         ctx.rn_confirm = gr.Button("Yes, delete", variant="stop", elem_id="runs-confirm-delete", scale=0, min_width=140)
@@ -240,9 +202,12 @@ def build(ctx) -> None:
     ctx.rn_eval_out = gr.HTML(elem_id="runs-eval")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            ctx.rn_plot = gr.Plot(elem_id="runs-compare", show_label=False)
+            ctx.rn_plot = gr.Plot(empty_figure("Compare runs", "select runs above to overlay their curves"),
+                                  elem_id="runs-compare", show_label=False)
         with gr.Column(scale=2):
-            ctx.rn_diff = gr.Dataframe(label="Settings that differ", elem_id="runs-diff", interactive=False, wrap=True)
+            ctx.rn_diff = gr.Dataframe(value=[["select one run to see its settings, several to see what differs"]],
+                                       headers=["setting"], label="Settings", elem_id="runs-diff", interactive=False,
+                                       wrap=True)
 
 
 def wire(ctx) -> None:
@@ -254,7 +219,7 @@ def wire(ctx) -> None:
     ctx.rn_resume.click(safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip(), gr.skip()))(resume), ctx.rn_select,
                         [ctx.rn_notice, ctx.tr_watched, ctx.tabs, ctx.tr_notice])
     ctx.rn_eval.click(safe(lambda msg: (notice(msg, "error"), gr.skip(), gr.skip()))(evaluate), [ctx.rn_select, ctx.rn_eval_limit],
-                      [ctx.rn_eval_out, ctx.rn_table, ctx.rn_select], concurrency_limit=1)
+                      [ctx.rn_eval_out, ctx.rn_table, ctx.rn_select], concurrency_limit=1, concurrency_id="generate")
     ctx.rn_chat.click(safe(lambda msg: (gr.skip(), gr.skip(), notice(msg, "error")))(open_in_chat), ctx.rn_select,
                       [ctx.ch_run, ctx.tabs, ctx.rn_notice])
 

@@ -33,12 +33,15 @@ DEFAULT_PRESET = "cpu-demo"
 # the run name have their own boxes at the top.
 FORM_GROUPS = ("model", "lora", "schedule", "batch", "speed")
 FORM_SETTINGS = [s for s in SETTINGS if s.group in FORM_GROUPS and s.name != "data"]
+WIDE_SETTINGS = {"model", "system_prompt"}  # a model id or a sentence needs more than a quarter of the form
 
 
 def form_value(s, value):
     """A setting's value as its form component shows it (None, automatic, as its auto label; a number
     box cannot be empty, so 0 stands for automatic there)."""
     if value is None:
+        if s.kind == "str" and not s.choices:
+            return ""  # a free-text box: empty is automatic (its placeholder says what that means)
         return 0 if s.kind in ("int", "float") else s.auto_label
     if s.kind == "bool" and s.auto:
         return "on" if value else "off"
@@ -141,8 +144,9 @@ def _idle_outputs(seen) -> dict:
         return {"watched": None, "seen": seen, "timer": gr.Timer(value=POLL_SECONDS)}
     return {"header": '<div class="qs-muted" id="run-state">no run yet</div>', "progress": "",
             "loss": empty_figure("Loss", "no run yet: choose a preset and press Start"),
-            "dynamics": empty_figure("Learning rate, gradient norm, speed, memory", "", 420), "log": "",
-            "findings": findings_html(None), "fix": gr.Dropdown(choices=[], value=None), "fix_row": gr.Row(visible=False),
+            "dynamics": empty_figure("Learning rate, gradient norm, speed, memory",
+                                     "they appear with the first logged step", 420), "log": "",
+            "findings": '<div class="qs-findings qs-muted">findings about a run appear here while it trains</div>', "fix": gr.Dropdown(choices=[], value=None), "fix_row": gr.Row(visible=False),
             "watched": None, "seen": {"idle": True}, "timer": gr.Timer(value=POLL_SECONDS)}
 
 
@@ -300,6 +304,9 @@ def _component(s, value):
                            elem_id=elem_id, info=info)
     if s.choices and not s.auto and not s.custom:
         return gr.Radio(label=s.label, choices=list(s.choices), value=value, elem_id=elem_id, info=info)
+    if s.kind == "str" and not s.choices:
+        return gr.Textbox(label=s.label, value=value, elem_id=elem_id, info=info, lines=1, max_lines=4,
+                          placeholder=f"{s.auto_label}: {s.auto_help}" if s.auto else "")
     choices = ([s.auto_label] if s.auto else []) + list(s.choices)
     return gr.Dropdown(label=s.label, choices=choices, value=value, elem_id=elem_id, info=info,
                        allow_custom_value=s.custom or s.kind == "targets")
@@ -329,6 +336,12 @@ def build(ctx) -> None:
             with gr.Column(scale=3):
                 for group in FORM_GROUPS:
                     members = [s for s in FORM_SETTINGS if s.group == group]
+                    wide = [s for s in members if s.name in WIDE_SETTINGS]  # free text: half a row each
+                    if wide:
+                        with gr.Row():
+                            for s in wide:
+                                ctx.tr_form[s.name] = _component(s, values[s.name])
+                    members = [s for s in members if s.name not in WIDE_SETTINGS]
                     for i in range(0, len(members), 4):
                         with gr.Row():
                             for s in members[i:i + 4]:
@@ -343,9 +356,11 @@ def build(ctx) -> None:
     ctx.tr_header = gr.HTML(elem_id="run-header")
     ctx.tr_progress = gr.HTML(elem_id="run-progress")
     with gr.Row(visible=False, elem_id="run-next") as ctx.tr_next_row:
-        gr.Markdown("Its adapter is saved: talk to it beside the base model, or compare it with other runs.")
+        gr.Markdown("Its adapter is saved: talk to it beside the base model, score it against the base model on "
+                    "the rows it held out, or compare it with other runs.")
         ctx.tr_to_chat = gr.Button("Talk to it in Chat", elem_id="train-to-chat", variant="primary", scale=0,
                                    min_width=180)
+        ctx.tr_to_eval = gr.Button("Evaluate it", elem_id="train-to-eval", scale=0, min_width=140)
         ctx.tr_to_runs = gr.Button("Compare in Runs", elem_id="train-to-runs", scale=0, min_width=160)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
@@ -407,6 +422,15 @@ def wire(ctx) -> None:
         return gr.Dropdown(choices=chat_runs(), value=name), gr.Tabs(selected="chat")
 
     ctx.tr_to_chat.click(to_chat, ctx.tr_watched, [ctx.ch_run, ctx.tabs])
+
+    def to_eval(watched):
+        return (*to_chat(watched), gr.Accordion(open=True), "")
+
+    from .chat import evaluate
+
+    ctx.tr_to_eval.click(to_eval, ctx.tr_watched, [ctx.ch_run, ctx.tabs, ctx.ch_eval_section, ctx.ch_eval_out]).then(
+        safe(lambda msg: notice(msg, "error"))(evaluate), [ctx.ch_run, ctx.ch_eval_limit], ctx.ch_eval_out,
+        concurrency_limit=1, concurrency_id="generate")
     def to_runs(watched):
         from .runs import runs_table
 
