@@ -246,3 +246,19 @@ def test_counts_equal_transformers_own_modules(name):
     assert sum(p.numel() for p in model.parameters()) == arch.total_params
     roundtrip = architecture_from_config(arch.to_config_dict(), "config.json")
     assert roundtrip.param_counts() == arch.param_counts()
+
+
+def test_gemma3_multimodal_count_equals_transformers_own_modules():
+    """The Hub's google/gemma-3-4b-it: decoder (vocab 262208) + SigLIP encoder + projector, built on the meta device."""
+    torch = pytest.importorskip("torch")
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    arch = load_architecture("google/gemma-3-4b-it")
+    text = arch.to_config_dict()
+    text.pop("model_type")
+    v = arch.vision
+    vision = dict(hidden_size=v.hidden, intermediate_size=v.intermediate, num_hidden_layers=v.layers,
+                  image_size=v.image, patch_size=v.patch, num_attention_heads=16, vision_use_head=False)
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision))
+    assert sum(p.numel() for p in model.parameters()) == arch.total_params + arch.vision_params
