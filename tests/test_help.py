@@ -50,12 +50,11 @@ def page_names(demo) -> set[str]:
 
 @pytest.fixture(scope="module")
 def built_page_names(tmp_path_factory):
-    import os
-
-    os.environ["QLORA_STUDIO_HOME"] = str(tmp_path_factory.mktemp("help-home"))
     from qlora_studio.ui.app import build_app
 
-    return page_names(build_app())
+    with pytest.MonkeyPatch.context() as mp:  # the Runs tab lists the runs of an empty studio home
+        mp.setenv("QLORA_STUDIO_HOME", str(tmp_path_factory.mktemp("help-home")))
+        yield page_names(build_app())
 
 
 def test_the_page_names_are_found_where_the_page_has_them(built_page_names):
