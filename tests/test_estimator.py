@@ -284,6 +284,10 @@ LIVE_CONFIGS = {
                   num_attention_heads=6, num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", hidden_size=384, intermediate_size=1024, num_hidden_layers=2,
                   num_attention_heads=6, num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True),
+    # Gemma 3: four norms per layer, q/k norms, head_dim apart from hidden / heads; sequences inside the window
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=384, intermediate_size=1024, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=128, vocab_size=2048,
+                        tie_word_embeddings=True, sliding_window=512, query_pre_attn_scalar=128),
 }
 
 
@@ -291,6 +295,7 @@ LIVE_CONFIGS = {
     ("llama", 1, True, "sdpa", "all"),
     ("llama", 2, False, "sdpa", "attention"),
     ("qwen2", 2, False, "eager", "all"),
+    ("gemma3_text", 1, False, "sdpa", "all"),
 ])
 def test_activation_and_logits_terms_match_live_tensors(tmp_path, monkeypatch, family, batch, checkpointing,
                                                         attention, targets):
