@@ -5,9 +5,12 @@ download). ``load_architecture`` also reads any local model folder or config.jso
 the catalog can be planned for too.
 
 Only dense decoder-only transformers of the Llama family are described here (Llama, Mistral, Qwen2/2.5,
-Qwen3, Gemma-2, Phi-3, SmolLM2): every layer is attention (q, k, v, o projections, grouped-query heads)
-plus a gated MLP (gate, up, down), with RMSNorms. That covers the catalog; anything else (mixture of
-experts, GPT-2-style configs) is refused with a message rather than guessed.
+Qwen3, Gemma 2 and 3, Phi-3, SmolLM2/3): every layer is attention (q, k, v, o projections, grouped-query
+heads) plus a gated MLP (gate, up, down), with RMSNorms. That covers the catalog; anything else (mixture of
+experts, GPT-2-style configs) is refused with a message rather than guessed. What changes no shape is not
+described: sliding-window layers (Gemma, Mistral), layers without RoPE (SmolLM3), embedding scaling.
+Each entry also says where its instruct model downloads from, under which licence, and whether the Hub
+gates it (``gated``: log in and accept the licence first).
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .catalog_entries import ENTRIES
 from .errors import StudioError
+
+
+GATED_NOTE = "gated: accept the licence on the Hub first"
 
 
 class ArchitectureError(StudioError, ValueError):
@@ -66,11 +73,32 @@ class ParamCounts:
 
 
 @dataclass(frozen=True)
+class VisionEncoder:
+    """A SigLIP-style vision encoder that a multimodal checkpoint carries beside its decoder (Gemma 3 4B+).
+
+    It is loaded with the model and stays frozen; text fine-tuning never runs it. Its parameters are
+    counted apart from the decoder's (``Architecture.vision_params``) and the estimator adds its weights."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    image: int  # pixels per side
+    patch: int
+
+    def params(self, text_hidden: int) -> int:
+        v, inter = self.hidden, self.intermediate
+        layer = 4 * (v * v + v) + (v * inter + inter) + (inter * v + v) + 2 * 2 * v  # q k v out, fc1 fc2, 2 LayerNorms
+        embeddings = 3 * self.patch * self.patch * v + v + (self.image // self.patch) ** 2 * v  # patch conv + positions
+        projector = v * text_hidden + v  # Gemma 3's mm_input_projection and its soft-embedding norm
+        return self.layers * layer + embeddings + 2 * v + projector  # + the post LayerNorm
+
+
+@dataclass(frozen=True)
 class Architecture:
     """The shape of a decoder-only transformer, as its config.json states it."""
 
     name: str
-    model_type: str  # config.json "model_type": llama, mistral, qwen2, qwen3, gemma2, phi3
+    model_type: str  # config.json "model_type": llama, mistral, qwen2, qwen3, gemma2, gemma3_text, smollm3, phi3
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -80,14 +108,32 @@ class Architecture:
     vocab_size: int
     tied_embeddings: bool
     qkv_bias: bool = False  # Qwen2/2.5: biases on q, k, v
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
-    norms_per_layer: int = 2  # Gemma-2: 4 (pre/post attention, pre/post feed-forward)
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on q and k
+    norms_per_layer: int = 2  # Gemma 2 and 3: 4 (pre/post attention, pre/post feed-forward)
     fused_qkv: bool = False  # Phi-3: one qkv_proj
     fused_gate_up: bool = False  # Phi-3: one gate_up_proj
     final_logit_softcap: bool = False  # Gemma-2: tanh soft-capping of the logits
-    hub_ids: tuple[str, ...] = ()
+    hub_ids: tuple[str, ...] = ()  # the instruct (chat) model first
     source: str = "catalog"  # "catalog" or the path of the config.json it came from
     recommendable: bool = True  # False for entries kept only as reference points (older models)
+    licence: str = ""  # the Hub repository's licence tag; "" when not known (a local folder)
+    gated: bool = False  # the Hub asks you to accept the licence (or share contact details) before downloading
+    vision: VisionEncoder | None = None  # a vision encoder the checkpoint carries (not part of the counts)
+
+    @property
+    def instruct_id(self) -> str | None:
+        """The Hub id of the instruct (chat) model: what a recommendation downloads."""
+        return self.hub_ids[0] if self.hub_ids else None
+
+    @property
+    def vision_params(self) -> int:
+        return self.vision.params(self.hidden_size) if self.vision else 0
+
+    @property
+    def access(self) -> str:
+        """How the files are obtained, for a person: the licence, and whether the Hub gates them."""
+        licence = self.licence or "licence unknown"
+        return f"{licence}; {GATED_NOTE}" if self.gated else f"{licence}, open download"
 
     # ---- derived shapes
     @property
@@ -151,83 +197,26 @@ class Architecture:
         if self.model_type == "gemma2":
             cfg.update(final_logit_softcapping=30.0 if self.final_logit_softcap else None,
                        attn_logit_softcapping=50.0, sliding_window=4096, query_pre_attn_scalar=self.head_dim)
+        if self.model_type == "gemma3_text":
+            cfg.update(query_pre_attn_scalar=self.head_dim, sliding_window=1024)
         if self.qkv_bias and self.model_type != "qwen2":
             cfg["attention_bias"] = True
         return cfg
 
 
-def _arch(name, model_type, h, L, heads, kv, head_dim, inter, vocab, tied, hub_ids=(), **extra) -> Architecture:
+def _arch(name, model_type, h, L, heads, kv, head_dim, inter, vocab, tied, hub_ids, licence, gated, extra) -> Architecture:
+    extra = dict(extra)
+    if "vision" in extra:
+        extra["vision"] = VisionEncoder(**extra["vision"])
     return Architecture(
         name=name, model_type=model_type, hidden_size=h, num_layers=L, num_heads=heads, num_kv_heads=kv,
         head_dim=head_dim, intermediate_size=inter, vocab_size=vocab, tied_embeddings=tied,
-        hub_ids=tuple(hub_ids), **extra,
+        hub_ids=tuple(hub_ids), licence=licence, gated=gated, **extra,
     )
 
 
-_QWEN2 = dict(qkv_bias=True)
-_QWEN3 = dict(qk_norm=True)
-_GEMMA2 = dict(norms_per_layer=4, final_logit_softcap=True)
-_PHI3 = dict(fused_qkv=True, fused_gate_up=True)
-
-# Published config.json values (hidden, layers, heads, kv heads, head_dim, intermediate, vocab, tied).
-CATALOG: tuple[Architecture, ...] = (
-    _arch("SmolLM2-135M", "llama", 576, 30, 9, 3, 64, 1536, 49152, True,
-          ["HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M-Instruct"]),
-    _arch("SmolLM2-360M", "llama", 960, 32, 15, 5, 64, 2560, 49152, True,
-          ["HuggingFaceTB/SmolLM2-360M", "HuggingFaceTB/SmolLM2-360M-Instruct"]),
-    _arch("SmolLM2-1.7B", "llama", 2048, 24, 32, 32, 64, 8192, 49152, True,
-          ["HuggingFaceTB/SmolLM2-1.7B", "HuggingFaceTB/SmolLM2-1.7B-Instruct"]),
-    _arch("Qwen2.5-0.5B", "qwen2", 896, 24, 14, 2, 64, 4864, 151936, True,
-          ["Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct"], **_QWEN2),
-    _arch("Qwen2.5-1.5B", "qwen2", 1536, 28, 12, 2, 128, 8960, 151936, True,
-          ["Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-1.5B-Instruct"], **_QWEN2),
-    _arch("Qwen2.5-3B", "qwen2", 2048, 36, 16, 2, 128, 11008, 151936, True,
-          ["Qwen/Qwen2.5-3B", "Qwen/Qwen2.5-3B-Instruct"], **_QWEN2),
-    _arch("Qwen2.5-7B", "qwen2", 3584, 28, 28, 4, 128, 18944, 152064, False,
-          ["Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct"], **_QWEN2),
-    _arch("Qwen2.5-14B", "qwen2", 5120, 48, 40, 8, 128, 13824, 152064, False,
-          ["Qwen/Qwen2.5-14B", "Qwen/Qwen2.5-14B-Instruct"], **_QWEN2),
-    _arch("Qwen2.5-32B", "qwen2", 5120, 64, 40, 8, 128, 27648, 152064, False,
-          ["Qwen/Qwen2.5-32B", "Qwen/Qwen2.5-32B-Instruct"], **_QWEN2),
-    _arch("Qwen2.5-72B", "qwen2", 8192, 80, 64, 8, 128, 29568, 152064, False,
-          ["Qwen/Qwen2.5-72B", "Qwen/Qwen2.5-72B-Instruct"], **_QWEN2),
-    _arch("Qwen3-0.6B", "qwen3", 1024, 28, 16, 8, 128, 3072, 151936, True,
-          ["Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B-Base"], **_QWEN3),
-    _arch("Qwen3-1.7B", "qwen3", 2048, 28, 16, 8, 128, 6144, 151936, True,
-          ["Qwen/Qwen3-1.7B", "Qwen/Qwen3-1.7B-Base"], **_QWEN3),
-    _arch("Qwen3-4B", "qwen3", 2560, 36, 32, 8, 128, 9728, 151936, True,
-          ["Qwen/Qwen3-4B", "Qwen/Qwen3-4B-Base"], **_QWEN3),
-    _arch("Qwen3-8B", "qwen3", 4096, 36, 32, 8, 128, 12288, 151936, False,
-          ["Qwen/Qwen3-8B", "Qwen/Qwen3-8B-Base"], **_QWEN3),
-    _arch("Qwen3-14B", "qwen3", 5120, 40, 40, 8, 128, 17408, 151936, False,
-          ["Qwen/Qwen3-14B", "Qwen/Qwen3-14B-Base"], **_QWEN3),
-    _arch("Qwen3-32B", "qwen3", 5120, 64, 64, 8, 128, 25600, 151936, False,
-          ["Qwen/Qwen3-32B"], **_QWEN3),
-    _arch("Llama-3.2-1B", "llama", 2048, 16, 32, 8, 64, 8192, 128256, True,
-          ["meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct"]),
-    _arch("Llama-3.2-3B", "llama", 3072, 28, 24, 8, 128, 8192, 128256, True,
-          ["meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-3B-Instruct"]),
-    _arch("Llama-3.1-8B", "llama", 4096, 32, 32, 8, 128, 14336, 128256, False,
-          ["meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct",
-           "meta-llama/Meta-Llama-3.1-8B", "meta-llama/Meta-Llama-3.1-8B-Instruct"]),
-    _arch("Llama-3.1-70B", "llama", 8192, 80, 64, 8, 128, 28672, 128256, False,
-          ["meta-llama/Llama-3.1-70B", "meta-llama/Llama-3.1-70B-Instruct",
-           "meta-llama/Meta-Llama-3.1-70B", "meta-llama/Meta-Llama-3.1-70B-Instruct"]),
-    _arch("Mistral-7B-v0.1", "mistral", 4096, 32, 32, 8, 128, 14336, 32000, False,
-          ["mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1",
-           "mistralai/Mistral-7B-Instruct-v0.2"], recommendable=False),
-    _arch("Mistral-7B-v0.3", "mistral", 4096, 32, 32, 8, 128, 14336, 32768, False,
-          ["mistralai/Mistral-7B-v0.3", "mistralai/Mistral-7B-Instruct-v0.3", "Mistral-7B"]),
-    _arch("Gemma-2-2B", "gemma2", 2304, 26, 8, 4, 256, 9216, 256000, True,
-          ["google/gemma-2-2b", "google/gemma-2-2b-it"], **_GEMMA2),
-    _arch("Gemma-2-9B", "gemma2", 3584, 42, 16, 8, 256, 14336, 256000, True,
-          ["google/gemma-2-9b", "google/gemma-2-9b-it"], **_GEMMA2),
-    _arch("Phi-3.5-mini", "phi3", 3072, 32, 32, 32, 96, 8192, 32064, False,
-          ["microsoft/Phi-3.5-mini-instruct"], **_PHI3),
-    # Reference point for the published "13B QLoRA at batch 4 x 2048" figure; not recommended today.
-    _arch("Llama-2-13B", "llama", 5120, 40, 40, 40, 128, 13824, 32000, False,
-          ["meta-llama/Llama-2-13b-hf", "meta-llama/Llama-2-13b-chat-hf"], recommendable=False),
-)
+# The published config.json values, licences and Hub ids: see catalog_entries.py for the table and its sources.
+CATALOG: tuple[Architecture, ...] = tuple(_arch(*row) for row in ENTRIES)
 
 
 def catalog_names() -> list[str]:
@@ -295,9 +284,12 @@ def architecture_from_config(cfg: dict, path: Path | str = "config.json", name: 
     path = Path(path)
     if not isinstance(cfg, dict):
         raise ArchitectureError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    vision = _gemma3_vision(cfg)
     if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
     model_type = str(cfg.get("model_type", "")).lower()
+    if model_type in ("gemma3", "gemma3_text"):
+        cfg = {**_transformers_defaults("gemma3_text"), **cfg}  # Gemma 3's Hub configs leave most shapes to them
     if cfg.get("num_local_experts") or cfg.get("num_experts"):
         raise ArchitectureError(f"{path}: field 'num_local_experts'/'num_experts': mixture-of-experts models are not supported")
     h = _required_int(cfg, "hidden_size", path)
@@ -311,9 +303,10 @@ def architecture_from_config(cfg: dict, path: Path | str = "config.json", name: 
         raise ArchitectureError(f"{path}: field 'head_dim' must be a positive integer, got {head_dim!r}")
     inter = _required_int(cfg, "intermediate_size", path)
     vocab = _required_int(cfg, "vocab_size", path)
-    tied_default = model_type in ("gemma", "gemma2")  # transformers' per-model defaults
+    tied_default = model_type in ("gemma", "gemma2", "gemma3", "gemma3_text", "smollm3")  # transformers' defaults
     tied = cfg.get("tie_word_embeddings", tied_default)
     is_gemma2 = model_type == "gemma2"
+    is_gemma3 = model_type in ("gemma3", "gemma3_text")
     return Architecture(
         name=name or cfg.get("_name_or_path") or path.parent.name or "model",
         model_type=model_type or "llama",
@@ -326,13 +319,37 @@ def architecture_from_config(cfg: dict, path: Path | str = "config.json", name: 
         vocab_size=vocab,
         tied_embeddings=bool(tied),
         qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-        qk_norm=model_type == "qwen3",
-        norms_per_layer=4 if is_gemma2 else 2,
+        qk_norm=model_type == "qwen3" or is_gemma3,
+        norms_per_layer=4 if (is_gemma2 or is_gemma3) else 2,
         fused_qkv=model_type == "phi3",
         fused_gate_up=model_type == "phi3",
         final_logit_softcap=bool(cfg.get("final_logit_softcapping")) if is_gemma2 else False,
+        vision=vision,
         source=str(path),
     )
+
+
+def _transformers_defaults(model_type: str) -> dict:
+    """transformers' defaults for a model type's config ({} without transformers)."""
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        return {}
+    return {k: v for k, v in AutoConfig.for_model(model_type).to_dict().items() if v is not None}
+
+
+def _gemma3_vision(cfg: dict) -> VisionEncoder | None:
+    """The vision encoder of a Gemma 3 multimodal config.json (vision_config), with SigLIP's defaults."""
+    vc = cfg.get("vision_config")
+    if str(cfg.get("model_type", "")).lower() != "gemma3" or not isinstance(vc, dict):
+        return None
+    vc = {**_transformers_defaults("siglip_vision_model"), **vc}
+    try:
+        return VisionEncoder(hidden=int(vc["hidden_size"]), intermediate=int(vc["intermediate_size"]),
+                             layers=int(vc["num_hidden_layers"]), image=int(vc["image_size"]),
+                             patch=int(vc["patch_size"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _read_config(path: Path) -> dict:

@@ -51,7 +51,7 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_recommend(args) -> int:
-    """The largest catalog model this card (detected, named or sized) trains with headroom."""
+    """The largest catalog model this card (detected, named or sized) trains with headroom (open ones first)."""
     from .recommend import recommend
     from .hardware import CPU_STATEMENT, close_gpu_names, find_gpu, probe_gpus
 
@@ -72,7 +72,7 @@ def cmd_recommend(args) -> int:
         target = gpus[0]
     if args.seq <= 0:
         raise UserError(f"--seq must be positive, got {args.seq}")
-    plan = recommend(target, seq=args.seq)
+    plan = recommend(target, seq=args.seq, prefer_open=not args.include_gated)
     if args.json:
         _print_json(plan.to_dict())
     else:
@@ -110,6 +110,9 @@ def add_plan_verbs(sub) -> None:
     which.add_argument("--gpu", metavar="NAME", help="plan for a catalog card, e.g. 'RTX 3060' (default: the detected GPU)")
     which.add_argument("--vram-gb", type=float, metavar="N", help="plan for a card with N GB of memory (GB as cards are sold: GiB)")
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--include-gated", action="store_true",
+                   help="rank gated models (Llama, Gemma, Mistral: accept the licence on the Hub first) by size "
+                        "with the open ones (default: an open model whenever one fits)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_recommend)
 

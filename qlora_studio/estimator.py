@@ -124,12 +124,15 @@ def quantized_linear_bytes(n_weights: int, double_quant: bool) -> int:
 def weights_bytes(arch: Architecture, quant: str = "nf4", double_quant: bool = True, dtype_bytes: int = 2) -> int:
     """The frozen base model in memory. With 4-bit, only the decoder's linear weights are quantized;
     embeddings, lm_head, norms and biases stay in the load dtype (``dtype_bytes``: 2 for bf16/fp16, 4 when
-    a card without fast 16-bit math loads the model in fp32). Without quantization everything is in it."""
+    a card without fast 16-bit math loads the model in fp32). Without quantization everything is in it.
+    A vision encoder the checkpoint carries (Gemma 3 4B+) is loaded too, counted in the load dtype (an upper
+    bound: 4-bit loading may quantize its linear layers)."""
     counts = arch.param_counts()
+    vision = dtype_bytes * arch.vision_params
     if quant == "none":
-        return dtype_bytes * counts.total
+        return dtype_bytes * counts.total + vision
     per_layer = sum(quantized_linear_bytes(m.weight_params, double_quant) for m in arch.linear_layers())
-    return arch.num_layers * per_layer + dtype_bytes * counts.unquantized
+    return arch.num_layers * per_layer + dtype_bytes * counts.unquantized + vision
 
 
 def target_modules(arch: Architecture, targets: str) -> list[LinearShape]:
@@ -316,6 +319,9 @@ def estimate(
     else:
         hb = c
         weights = weights_bytes(arch, quant, double_quant, dtype_bytes=c)
+        if arch.vision_params:
+            assumptions.append(f"the checkpoint's vision encoder ({arch.vision_params / 1e6:.0f}M params) is loaded "
+                               f"{8 * c}-bit and never run by text training")
         if quant == "none":
             assumptions.append(f"LoRA on a {8 * c}-bit base: every weight at {c} B/param")
         else:

@@ -88,7 +88,7 @@ class RunManager:
 
     def apply_fix(self, run: str | Path | RunFolder, fix, reason: str = "", echo: bool = False,
                   allow_parallel: bool = False) -> RunFolder:
-        """"Apply and restart": a new run folder with the fix's changed settings, started from the
+        """"Apply as a new run": a new run folder with the fix's changed settings, started from the
         old run's last good checkpoint (see `prepare_fix_run`), training in the background.
         ``fix``: a `diagnose.Fix` or its dict; ``reason``: why (the finding's message)."""
         folder = run if isinstance(run, RunFolder) else RunFolder(resolve_run(run))

@@ -2,7 +2,10 @@
 
 `recommend` tries the catalog's models from the largest down with the settings a newcomer should use
 (NF4 + double quantization, LoRA r16 on all linear layers, gradient checkpointing, paged 8-bit AdamW,
-the card's precision from `plan.precision_for`) and returns a `Recommendation`.
+the card's precision from `plan.precision_for`) and returns a `Recommendation`. It proposes the instruct
+model of an entry, and prefers models that download without an account: a gated one (Llama, Gemma,
+Mistral: accept the licence on the Hub first) is proposed only when no open model fits, and is marked so;
+a larger gated model that also fits is mentioned in a note.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .catalog import CATALOG, Architecture
+from .catalog import CATALOG, GATED_NOTE, Architecture
 from .estimator import HEADROOM, GiB, MemoryBreakdown, _gib, calibration_summary, estimate
 
 
@@ -25,6 +28,9 @@ class Recommendation:
     headroom: float
     model: str | None = None
     params: int | None = None
+    hub_id: str | None = None  # the instruct model to download
+    licence: str | None = None
+    gated: bool = False  # the Hub asks you to accept the licence before the download
     method: str = "qlora"
     quant: str = "nf4"
     double_quant: bool = True
@@ -52,6 +58,9 @@ class Recommendation:
             "headroom": self.headroom,
             "model": self.model,
             "params": self.params,
+            "hub_id": self.hub_id,
+            "licence": self.licence,
+            "gated": self.gated,
             "method": self.method,
             "quant": self.quant,
             "double_quant": self.double_quant,
@@ -74,7 +83,10 @@ class Recommendation:
         if self.fits:
             assert self.estimate is not None
             lines += [
-                f"Recommended: {self.model} ({self.params / 1e9:.2f}B params)",
+                f"Recommended: {self.model} ({self.params / 1e9:.2f}B params)"
+                + (f"; {GATED_NOTE}" if self.gated else ""),
+                f"  download: {self.hub_id} ({self.licence or 'licence unknown'}"
+                + (" licence)" if self.gated else ", open download)"),
                 f"  {self.quant.upper()}{' + double quant' if self.double_quant else ''}, LoRA r={self.rank} on "
                 f"{self.targets} linear layers, {self.compute_dtype} compute",
                 f"  batch {self.batch} x grad accumulation {self.grad_accum} (effective {self.batch * self.grad_accum}), "
@@ -89,8 +101,12 @@ class Recommendation:
         return "\n".join(lines)
 
 
-def _recommendable() -> list[Architecture]:
-    return sorted((a for a in CATALOG if a.recommendable), key=lambda a: a.total_params, reverse=True)
+def _recommendable(prefer_open: bool = True) -> list[Architecture]:
+    """The candidates in the order they are tried: largest first; open downloads before gated ones."""
+    by_size = sorted((a for a in CATALOG if a.recommendable), key=lambda a: a.total_params, reverse=True)
+    if not prefer_open:
+        return by_size
+    return [a for a in by_size if not a.gated] + [a for a in by_size if a.gated]
 
 
 def _fits(total: int, usable: int, headroom: float) -> bool:
@@ -104,6 +120,7 @@ def recommend(
     free_bytes: int | None = None,
     headroom: float = HEADROOM,
     effective_batch: int = 16,
+    prefer_open: bool = True,
 ) -> Recommendation:
     """The largest catalog model that trains on this card with ``headroom`` to spare (estimate x 1.25 <=
     usable memory by default, i.e. 20% of the card left free), in NF4 with double quantization, LoRA r=16
@@ -114,6 +131,10 @@ def recommend(
     a catalog :class:`~qlora_studio.hardware.GpuSpec`, or a number of bytes. ``free_bytes``, when given,
     replaces the total as the usable memory. More memory never yields a smaller model: the candidates are
     tried from the largest down with the same settings, so the set that fits only grows with memory.
+
+    ``prefer_open`` (the default) tries every model that downloads without an account before any gated one,
+    so a gated model is recommended only when no open one fits; False ranks them by size alone. Either way a
+    gated recommendation carries ``gated=True`` and its text says to accept the licence on the Hub first.
     """
     from .hardware import GpuInfo, GpuSpec
     from .plan import precision_for
@@ -157,7 +178,7 @@ def recommend(
         plan.notes.append(f"this card has no native bf16: train in {compute_dtype}")
 
     chosen = None
-    for arch in _recommendable():
+    for arch in _recommendable(prefer_open):
         est = estimate(arch, batch=1, **base)
         if _fits(est.total_bytes, usable, headroom):
             chosen = arch
@@ -174,6 +195,13 @@ def recommend(
             break
         batch, est = b, candidate
     plan.model, plan.params, plan.batch, plan.estimate = chosen.name, chosen.total_params, batch, est
+    plan.hub_id, plan.licence, plan.gated = chosen.instruct_id or chosen.name, chosen.licence, chosen.gated
+    if not chosen.gated:
+        larger = next((a for a in _recommendable(prefer_open=False) if a.gated and a.total_params > chosen.total_params
+                       and _fits(estimate(a, batch=1, **base).total_bytes, usable, headroom)), None)
+        if larger is not None:
+            plan.notes.append(f"{larger.name} ({larger.total_params / 1e9:.2f}B, {larger.instruct_id}) also fits; "
+                              f"{GATED_NOTE}")
     plan.grad_accum = max(1, effective_batch // batch)
     no_ckpt = estimate(chosen, batch=batch, **{**base, "grad_checkpointing": False})
     if _fits(no_ckpt.total_bytes, usable, headroom):

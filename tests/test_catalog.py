@@ -7,7 +7,11 @@ import pytest
 from qlora_studio.catalog import CATALOG, ArchitectureError, architecture_from_config, load_architecture
 
 # Published parameter totals (external facts: model cards / the shapes' official totals as listed in
-# shared/reference/architectures.md; Qwen3-32B and Llama-2-13B from their model cards).
+# shared/reference/architectures.md; Qwen3-32B and Llama-2-13B from their model cards; Gemma 3 (text part)
+# and SmolLM3-3B from keras-hub's presets, keras_hub/src/models/{gemma3,smollm3}/*_presets.py: "params" of
+# gemma3_1b 999,885,952, gemma3_4b_text 3,880,099,328, gemma3_12b_text 11,765,788,416, gemma3_27b_text
+# 27,009,002,240 (Kaggle checkpoints: vocab 262144; the Hub's 4B-27B add 64 embedding rows), smollm3_3b_en
+# 3,075,100,928).
 PUBLISHED_TOTALS = {
     "SmolLM2-135M": 134.5e6,
     "SmolLM2-360M": 361.8e6,
@@ -35,6 +39,19 @@ PUBLISHED_TOTALS = {
     "Gemma-2-9B": 9.242e9,
     "Phi-3.5-mini": 3.821e9,
     "Llama-2-13B": 13.016e9,
+    "Gemma-3-1B": 999_885_952,
+    "Gemma-3-4B": 3_880_099_328,
+    "Gemma-3-12B": 11_765_788_416,
+    "Gemma-3-27B": 27_009_002_240,
+    "SmolLM3-3B": 3_075_100_928,
+}
+
+# Gemma 3's vision encoder + projector: keras-hub's vision+text totals minus the text ones (gemma3_4b
+# 4,299,915,632; gemma3_12b 12,187,079,280; gemma3_27b 27,432,062,576).
+PUBLISHED_VISION = {
+    "Gemma-3-4B": 4_299_915_632 - 3_880_099_328,
+    "Gemma-3-12B": 12_187_079_280 - 11_765_788_416,
+    "Gemma-3-27B": 27_432_062_576 - 27_009_002_240,
 }
 
 # "P_lin (quantizable)" column of architectures.md: the linear weights inside the decoder blocks.
@@ -56,6 +73,49 @@ def test_parameter_count_matches_published_total(name):
     arch = load_architecture(name)
     published = PUBLISHED_TOTALS[name]
     assert abs(arch.total_params - published) / published <= 0.005, (arch.total_params, published)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_VISION))
+def test_gemma3_vision_encoder_matches_published(name):
+    arch = load_architecture(name)
+    assert arch.vision_params == PUBLISHED_VISION[name]
+    assert arch.vision_params not in (0, None) and arch.param_counts().total == arch.total_params  # counted apart
+
+
+def test_gemma3_hub_config_reads_like_the_catalog_entry(tmp_path):
+    """google/gemma-3-4b-it's config.json leaves most text shapes to transformers' defaults."""
+    pytest.importorskip("transformers")
+    cfg = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "sliding_window": 1024},
+           "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                             "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                             "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    read, catalog = load_architecture(path), load_architecture("google/gemma-3-4b-it")
+    assert read.param_counts() == catalog.param_counts() and read.vision_params == catalog.vision_params
+    assert read.qk_norm and read.norms_per_layer == 4 and read.tied_embeddings and read.vocab_size == 262208
+
+
+@pytest.mark.parametrize("name, gated, licence", [
+    ("Qwen3-8B", False, "apache-2.0"), ("SmolLM3-3B", False, "apache-2.0"), ("Phi-3.5-mini", False, "mit"),
+    ("Qwen2.5-7B", False, "apache-2.0"), ("Llama-3.2-3B", True, "llama3.2"), ("Gemma-3-4B", True, "gemma"),
+    ("Gemma-2-9B", True, "gemma"), ("Mistral-7B-v0.3", True, "apache-2.0"),
+])
+def test_licence_and_gating(name, gated, licence):
+    arch = load_architecture(name)
+    assert (arch.gated, arch.licence) == (gated, licence)
+    assert ("gated: accept the licence on the Hub first" in arch.access) == gated
+
+
+def test_every_entry_names_its_instruct_model_first():
+    for arch in CATALOG:
+        assert arch.licence, arch.name
+        first = arch.instruct_id.lower()
+        assert not first.endswith(("-base", "-pt")) and first != arch.name.lower(), arch.name
+        if any(h.lower().endswith(("-instruct", "-it", "-chat-hf")) for h in arch.hub_ids):
+            assert first.endswith(("-instruct", "-it", "-chat-hf")) or "-instruct-" in first, arch.name
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_LINEAR))
@@ -84,6 +144,9 @@ def test_module_details_of_special_families():
     assert qwen3.head_dim * qwen3.num_heads != qwen3.hidden_size  # head_dim 128 != 1024 / 16
     gemma = load_architecture("Gemma-2-2B").param_counts()
     assert gemma.norms == 26 * 4 * 2304 + 2304
+    gemma3 = load_architecture("Gemma-3-1B")  # 4 norms per layer and q/k norms; head_dim 256 != 1152 / 4
+    assert gemma3.param_counts().norms == 26 * (4 * 1152 + 2 * 256) + 1152
+    assert gemma3.q_dim == 4 * 256 and gemma3.kv_dim == 256
     phi = load_architecture("Phi-3.5-mini")
     assert [m.name for m in phi.linear_layers()] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     assert phi.linear_layers()[0].out_features == 3 * 3072
@@ -100,6 +163,12 @@ def test_module_details_of_special_families():
     ("google/gemma-2-9b-it", "Gemma-2-9B"),
     ("microsoft/Phi-3.5-mini-instruct", "Phi-3.5-mini"),
     ("meta-llama/Llama-2-13b-hf", "Llama-2-13B"),
+    ("google/gemma-3-1b-it", "Gemma-3-1B"),
+    ("google/gemma-3-27b-pt", "Gemma-3-27B"),
+    ("gemma-3-12b", "Gemma-3-12B"),
+    ("HuggingFaceTB/SmolLM3-3B", "SmolLM3-3B"),
+    ("Qwen/Qwen3-14B", "Qwen3-14B"),
+    ("meta-llama/Llama-3.2-1B-Instruct", "Llama-3.2-1B"),
 ])
 def test_names_and_hub_ids_resolve(given, expected):
     assert load_architecture(given).name == expected
@@ -162,9 +231,9 @@ def test_invalid_json_names_the_file(tmp_path):
         load_architecture(path)
 
 
-# One model per family (all 26 agree too, but each build costs a fraction of a second).
+# One model per family (the others agree too, but each build costs a fraction of a second).
 @pytest.mark.parametrize("name", ["SmolLM2-135M", "Qwen2.5-0.5B", "Qwen3-0.6B", "Llama-3.2-1B", "Mistral-7B-v0.3",
-                                  "Gemma-2-2B", "Phi-3.5-mini"])
+                                  "Gemma-2-2B", "Gemma-3-1B", "SmolLM3-3B", "Phi-3.5-mini"])
 def test_counts_equal_transformers_own_modules(name):
     """Build the architecture on the meta device with transformers and count its parameters."""
     torch = pytest.importorskip("torch")
@@ -177,3 +246,19 @@ def test_counts_equal_transformers_own_modules(name):
     assert sum(p.numel() for p in model.parameters()) == arch.total_params
     roundtrip = architecture_from_config(arch.to_config_dict(), "config.json")
     assert roundtrip.param_counts() == arch.param_counts()
+
+
+def test_gemma3_multimodal_count_equals_transformers_own_modules():
+    """The Hub's google/gemma-3-4b-it: decoder (vocab 262208) + SigLIP encoder + projector, built on the meta device."""
+    torch = pytest.importorskip("torch")
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    arch = load_architecture("google/gemma-3-4b-it")
+    text = arch.to_config_dict()
+    text.pop("model_type")
+    v = arch.vision
+    vision = dict(hidden_size=v.hidden, intermediate_size=v.intermediate, num_hidden_layers=v.layers,
+                  image_size=v.image, patch_size=v.patch, num_attention_heads=16, vision_use_head=False)
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision))
+    assert sum(p.numel() for p in model.parameters()) == arch.total_params + arch.vision_params

@@ -284,6 +284,10 @@ LIVE_CONFIGS = {
                   num_attention_heads=6, num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", hidden_size=384, intermediate_size=1024, num_hidden_layers=2,
                   num_attention_heads=6, num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True),
+    # Gemma 3: four norms per layer, q/k norms, head_dim apart from hidden / heads; sequences inside the window
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=384, intermediate_size=1024, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=128, vocab_size=2048,
+                        tie_word_embeddings=True, sliding_window=512, query_pre_attn_scalar=128),
 }
 
 
@@ -291,6 +295,7 @@ LIVE_CONFIGS = {
     ("llama", 1, True, "sdpa", "all"),
     ("llama", 2, False, "sdpa", "attention"),
     ("qwen2", 2, False, "eager", "all"),
+    ("gemma3_text", 1, False, "sdpa", "all"),
 ])
 def test_activation_and_logits_terms_match_live_tensors(tmp_path, monkeypatch, family, batch, checkpointing,
                                                         attention, targets):
@@ -386,6 +391,39 @@ def test_recommendation_for_named_cards():
     assert t4.compute_dtype == "fp16" and t4.fits
 
 
+def test_recommendation_for_a_12_gb_card_is_an_open_instruct_model():
+    plan = recommend(12 * GiB, seq=512)
+    arch = load_architecture(plan.model)
+    assert plan.fits and not plan.gated and not arch.gated
+    assert plan.hub_id == arch.instruct_id and plan.licence == arch.licence
+    text = plan.text()
+    assert f"download: {plan.hub_id} ({plan.licence}, open download)" in text
+    # the larger gated model that also fits is named, and marked
+    gated_notes = [n for n in plan.notes if "also fits" in n]
+    assert gated_notes and all("gated: accept the licence on the Hub first" in n for n in gated_notes)
+    larger = load_architecture(gated_notes[0].split(" (")[0])
+    assert larger.gated and larger.total_params > plan.params
+
+
+def test_a_gated_recommendation_is_marked():
+    plan = recommend(12 * GiB, seq=512, prefer_open=False)  # ranked by size alone
+    assert plan.fits and plan.gated and load_architecture(plan.model).gated
+    assert plan.params > recommend(12 * GiB, seq=512).params
+    recommended = next(line for line in plan.text().splitlines() if line.startswith("Recommended:"))
+    assert recommended.endswith("gated: accept the licence on the Hub first")
+    assert plan.to_dict()["gated"] is True and plan.to_dict()["hub_id"] == plan.hub_id
+
+
+def test_gemma3_memory_counts_its_vision_encoder_and_its_vocabulary():
+    arch = load_architecture("Gemma-3-4B")
+    text_only = Architecture(**{**arch.__dict__, "vision": None})
+    assert weights_bytes(arch, "nf4", True) == weights_bytes(text_only, "nf4", True) + 2 * arch.vision_params
+    e = estimate(arch, seq=512, batch=1)
+    assert e.breakdown["logits"] == 512 * 12 * 262208  # fp32 log-probs + their gradients, 262k vocabulary
+    assert any("vision encoder" in a for a in e.assumptions)
+    assert not any("vision encoder" in a for a in estimate(load_architecture("Gemma-3-1B")).assumptions)
+
+
 def test_nothing_fits_says_what_to_change():
     plan = recommend(1 * GiB, seq=2048)
     assert not plan.fits and plan.model is None
@@ -440,6 +478,21 @@ def test_cli_recommend_json(capsys):
     assert data["model"] and data["estimate"]["total_bytes"] * 1.25 <= 12 * GiB
     named = _cli_json(capsys, "recommend", "--gpu", "rtx 3060", "--seq", "1024", "--json")
     assert named["gpu"] == "RTX 3060 12 GB" and named["seq"] == 1024
+    assert data["gated"] is False and data["hub_id"] and data["licence"]
+    gated = _cli_json(capsys, "recommend", "--vram-gb", "12", "--include-gated", "--json")
+    assert gated["gated"] is True and gated["params"] > data["params"]
+
+
+def test_cli_recommend_marks_a_gated_model(capsys):
+    from qlora_studio.cli import main
+
+    assert main(["recommend", "--vram-gb", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "open download" in out and "also fits; gated: accept the licence on the Hub first" in out
+    assert main(["recommend", "--vram-gb", "12", "--include-gated"]) == 0
+    out = capsys.readouterr().out
+    assert next(line for line in out.splitlines() if line.startswith("Recommended:")).endswith(
+        "gated: accept the licence on the Hub first")
 
 
 def test_cli_tables_and_user_errors(capsys, tmp_path):
