@@ -463,6 +463,12 @@ def test_a_completed_run_shows_golden_answers_and_is_evaluated_in_one_click(page
     page.click("#runs-refresh")
     row = page.locator("#runs-table [role=row]", has_text=GOLDEN_RUN)
     wait_for(lambda: "(base" in row.inner_text(), 30, "the task eval column")
+    for name in (RUN_NAME, GOLDEN_RUN):  # two runs: their curves overlaid and the settings that differ
+        label = page.locator("#runs-select label", has_text=name)
+        if label.count() and not label.locator("input").is_checked():
+            label.click()
+    wait_for(lambda: "Settings that differ" in page.locator("#runs-diff").inner_text(), 30, "the settings diff")
+    shot(page, "runs-two")
 
 
 def test_help_tab(page):

@@ -520,6 +520,9 @@ def test_golden_answers_and_task_evaluation_are_shown(tmp_path):
     html = evaluation_html(result)
     assert "normalized match <b>(judged by this)</b></td><td>0%</td><td>50%" in html
     assert "perplexity</td><td>82.3</td><td>1.26" in html
+    sql = {**result, "metrics": {"n": 2, "execution_accuracy": 1.0, "errors": 1}, "base": {"errors": 2}}
+    html = evaluation_html(sql)
+    assert "errors</td><td>2</td><td>1</td>" in html and ">n<" not in html, "counts are counts, not percentages"
     assert html.index("line 3") < html.index("line 5"), "the worst answer first"
     assert _task_metric({"task_eval": {k: v for k, v in result.items() if k != "examples"}}) == \
         "normalized match 50% (base 0%)"

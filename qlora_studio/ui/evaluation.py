@@ -10,6 +10,9 @@ from ..manager import get_manager
 from .common import esc, run_folder
 
 
+COUNTS = {"n", "errors"}  # figures that count answers, not fractions of them
+
+
 def fmt_score(x: float) -> str:
     return f"{x:.0%}" if 0 <= x <= 1 else f"{x:.3g}"
 
@@ -32,13 +35,18 @@ def evaluation_html(result: dict, worst: int = 5, elem_id: str = "runs-eval-resu
     """A task evaluation: each figure for the base and the fine-tuned model, and the worst answers."""
     tuned, base = result.get("metrics") or {}, result.get("base") or {}
     rows = []
+
+    def shown(key, v):
+        if not isinstance(v, (int, float)):
+            return "-"
+        return str(int(v)) if key in COUNTS else fmt_score(v)
+
     for key, value in tuned.items():
-        if not isinstance(value, (int, float)):
+        if not isinstance(value, (int, float)) or key == "n":  # n is in the heading
             continue
-        b = base.get(key)
         mark = " <b>(judged by this)</b>" if key == result.get("primary") else ""
-        rows.append(f"<tr><td>{esc(key.replace('_', ' '))}{mark}</td><td>{fmt_score(b) if isinstance(b, (int, float)) else '-'}"
-                    f"</td><td>{fmt_score(value)}</td></tr>")
+        rows.append(f"<tr><td>{esc(key.replace('_', ' '))}{mark}</td><td>{shown(key, base.get(key))}</td>"
+                    f"<td>{shown(key, value)}</td></tr>")
     scored = [e for e in result.get("examples") or [] if isinstance(e.get("score"), (int, float))]
     scored.sort(key=lambda e: e["score"])
     items = "".join(
