@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                          # CPU: embedded model, the reference, ours, each lever
     python benchmarks/throughput.py --only reference ours    # just the two
+    python benchmarks/throughput.py --data alpaca --only "ours, LM head everywhere" ours   # prompts masked
     python benchmarks/throughput.py --from-config qwen2.5-0.5b --examples 512   # a model built from its config
                                                                                # (random weights; for CUDA)
 
@@ -40,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from qlora_studio.home import resource_dir  # noqa: E402
 
 LORA = dict(r=16, alpha=32, dropout=0.05)
-BASE_OURS = {"batching": "padded", "attention": "sdpa", "gradient_checkpointing": True}
+BASE_OURS = {"batching": "padded", "attention": "sdpa", "gradient_checkpointing": True, "logits": "all"}
 CONFIGS = {
     # name: (side, overrides of our TrainConfig)
     "reference": ("reference", {}),
@@ -49,6 +50,8 @@ CONFIGS = {
     "+ padding-free packing": ("ours", dict(BASE_OURS, batching="packed")),
     "+ eager attention": ("ours", dict(BASE_OURS, attention="eager")),
     "+ no gradient checkpointing": ("ours", dict(BASE_OURS, gradient_checkpointing=False)),
+    "+ LM head at trained positions": ("ours", dict(BASE_OURS, logits="labelled")),  # --data alpaca: prompts masked
+    "ours, LM head everywhere": ("ours", {"logits": "all"}),
     "ours": ("ours", {}),  # as shipped: every setting automatic
 }
 
@@ -65,8 +68,10 @@ def corpus_words() -> list[str]:
     return [w for w in words if len(w) < 30]
 
 
-def make_data(path: Path, n: int, max_words: int, seed: int = 0) -> dict:
-    """``n`` {"text": ...} rows; words per row log-normal (median 60, long tail), capped at ``max_words``."""
+def make_data(path: Path, n: int, max_words: int, seed: int = 0, kind: str = "text") -> dict:
+    """``n`` rows; words per row log-normal (median 60, long tail), capped at ``max_words``. ``text``:
+    {"text": ...} (every token trained); ``alpaca``: {"instruction", "output"}, the instruction about
+    two thirds of the words (masked: only the output is trained, as in chat data)."""
     words = corpus_words()
     rng = random.Random(seed)
     lengths = []
@@ -74,7 +79,12 @@ def make_data(path: Path, n: int, max_words: int, seed: int = 0) -> dict:
         for _ in range(n):
             k = max(8, min(max_words, int(rng.lognormvariate(math.log(60), 0.9))))
             start = rng.randrange(0, len(words) - k)
-            f.write(json.dumps({"text": " ".join(words[start:start + k])}) + "\n")
+            row = words[start:start + k]
+            if kind == "alpaca":
+                cut = max(1, int(k * rng.uniform(0.5, 0.8)))
+                f.write(json.dumps({"instruction": " ".join(row[:cut]), "output": " ".join(row[cut:])}) + "\n")
+            else:
+                f.write(json.dumps({"text": " ".join(row)}) + "\n")
             lengths.append(k)
     lengths.sort()
     return {"rows": n, "words_median": lengths[n // 2], "words_p90": lengths[int(n * 0.9)], "words_max": lengths[-1]}
@@ -101,7 +111,7 @@ def run_reference(a, data: Path, model_path: Path) -> dict:
 
     cuda = torch.cuda.is_available()
     tok = load_tokenizer(model_path)
-    prepared = prepare_dataset(data, tok, a.max_seq_len, eval_fraction=0.0, seed=42, fmt="text")
+    prepared = prepare_dataset(data, tok, a.max_seq_len, eval_fraction=0.0, seed=42, fmt=a.data)
     train = prepared.train.select_columns(["input_ids"])  # the recipe's collator makes labels (every token)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
@@ -137,7 +147,7 @@ def run_ours(a, data: Path, model_path: Path, overrides: dict) -> dict:
     from qlora_studio.config import TrainConfig
     from qlora_studio.training import prepare_run, run_training
 
-    cfg = TrainConfig(model=str(model_path), data=str(data), data_format="text", quant="nf4", rank=LORA["r"],
+    cfg = TrainConfig(model=str(model_path), data=str(data), data_format=a.data, quant="nf4", rank=LORA["r"],
                       alpha=LORA["alpha"], targets="all", lora_dropout=LORA["dropout"], learning_rate=2e-4,
                       epochs=1, batch_size=a.batch_size, max_seq_len=a.max_seq_len, eval_fraction=0.0,
                       save_steps=10**9, **overrides)
@@ -194,6 +204,8 @@ def main() -> int:
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps left out of the rate")
     p.add_argument("--from-config", help="a catalog architecture (e.g. qwen2.5-0.5b) built with random weights")
+    p.add_argument("--data", choices=["text", "alpaca"], default="text",
+                   help="text: every token trained; alpaca: instructions masked, only the outputs trained")
     p.add_argument("--only", nargs="+", help=f"configurations to run: {', '.join(CONFIGS)} (or reference / ours)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -205,14 +217,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="qlora-throughput-"))
     model = model_from_config(a.from_config, work / "model") if a.from_config else embedded_model_path()
     data = work / "data.jsonl"
-    shape = make_data(data, a.examples, max_words=a.max_seq_len)
+    shape = make_data(data, a.examples, max_words=a.max_seq_len, kind=a.data)
     names = [n for n in CONFIGS if not a.only or n in a.only]
     env = dict(os.environ, QLORA_STUDIO_HOME=str(work / "home"), HF_HUB_OFFLINE="1")
     (work / "home" / "models").mkdir(parents=True)
     if not a.from_config:
         (work / "home" / "models" / model.name).symlink_to(model)
     load = os.getloadavg()
-    print(f"model {a.from_config or 'embedded SmolLM2-135M'}, {a.examples} examples (words: median "
+    print(f"model {a.from_config or 'embedded SmolLM2-135M'}, {a.examples} {a.data} examples (words: median "
           f"{shape['words_median']}, 90th percentile {shape['words_p90']}, max {shape['words_max']}), "
           f"batch {a.batch_size}, sequence length {a.max_seq_len}, {a.warmup} warm-up steps left out", flush=True)
     results = {}
@@ -220,7 +232,7 @@ def main() -> int:
         side, overrides = CONFIGS[name]
         spec = {"side": side, "data": str(data), "model": str(model), "overrides": overrides}
         cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--batch-size", str(a.batch_size),
-               "--max-seq-len", str(a.max_seq_len), "--warmup", str(a.warmup)]
+               "--max-seq-len", str(a.max_seq_len), "--warmup", str(a.warmup), "--data", a.data]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

@@ -85,16 +85,59 @@ def studio_trainer_class():
 
     class StudioTrainer(Trainer):
         """The Trainer, except that a packed batch's ``attention_mask`` (real tokens, for the token
-        count) is taken out before the model sees it: packed rows are told apart by their position ids."""
+        count) is taken out before the model sees it: packed rows are told apart by their position ids;
+        and, with ``labelled_logits``, the LM head and the loss see only the trained positions
+        (`labelled_positions_only`)."""
 
         packed = False
+        labelled_logits = False
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             if self.packed and "position_ids" in inputs:
                 inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+            if self.labelled_logits:
+                inputs = labelled_positions_only(inputs)
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     return StudioTrainer
+
+
+def labelled_positions_only(inputs: dict) -> dict:
+    """The batch with the LM head and the loss limited to the positions whose next token is trained.
+
+    Prompt tokens of chat data (and the pad tail of a packed row) carry the label -100: their logits
+    are computed and thrown away. ``logits_to_keep`` as a (batch, sequence) boolean mask makes the model
+    project only the kept positions (transformers flattens them to (kept, vocabulary)), and
+    ``shift_labels`` gives the loss their targets in the same order, so the loss and its gradients are
+    those of the whole batch (the sum over trained tokens divided by their count, or by the Trainer's
+    ``num_items_in_batch`` under gradient accumulation: the same count). A batch with nothing to train
+    is left as it is."""
+    import torch
+
+    labels = inputs.get("labels")
+    if labels is None:
+        return inputs
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
+    keep = targets != -100
+    if not bool(keep.any()):
+        return inputs
+    return {**inputs, "logits_to_keep": keep, "shift_labels": targets[keep]}
+
+
+def labelled_logits_supported(model) -> tuple[bool, str]:
+    """Whether the model's forward takes a boolean ``logits_to_keep`` mask: it does when it slices its
+    hidden states with transformers' own `slice_logits_to_keep` (Llama, Qwen2/3, Gemma, Mistral, Phi-3
+    and most causal LMs in transformers 5); a model with its own code gets every position."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        source = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return False, f"{type(base).__name__}'s forward cannot be read"
+    if "slice_logits_to_keep" in source:
+        return True, "the model computes the LM head and the loss only at trained positions"
+    return False, f"{type(base).__name__} does not take a mask of positions for its LM head"
 
 
 def packing_respected(model) -> tuple[bool, str]:

@@ -140,6 +140,10 @@ class TrainConfig:
         auto_help="packed where the model's attention keeps examples apart, else grouped", group="speed")
     attention: str | None = setting(None, "attention implementation", "choice", choices=("sdpa", "eager"), auto=True,
                                     auto_help="eager on the CPU, sdpa on a GPU", group="speed")
+    logits: str | None = setting(
+        None, "where the LM head and the loss are computed: labelled (only positions whose next token is trained; "
+        "the same loss) or all", "choice", choices=("labelled", "all"), auto=True,
+        auto_help="labelled where the model takes a mask of positions", group="speed")
     optimizer: str | None = setting(None, "optimizer", "choice",
                                     choices=("paged_adamw_8bit", "adamw_8bit", "adamw_torch"), auto=True,
                                     auto_help="paged_adamw_8bit on a GPU, adamw_torch on the CPU", group="speed")

@@ -146,6 +146,9 @@ class RunPlan:
     optimizer: str
     memory: dict | None = None  # estimate_bytes, breakdown, available_bytes, fits, where
     reasons: dict = field(default_factory=dict)
+    # where the LM head and the loss are computed: "labelled" (only positions whose next token is trained;
+    # decided once the model is loaded, `batching.labelled_logits_supported`) or "all"
+    logits: str = "all"
 
     @property
     def effective_batch(self) -> int:
@@ -181,7 +184,9 @@ class RunPlan:
                f"attention: {self.attention}" + (f" -- {r['attention']}" if r.get("attention") else ""),
                f"gradient checkpointing: {'on' if self.gradient_checkpointing else 'off'}"
                + (f" -- {r['gradient_checkpointing']}" if r.get("gradient_checkpointing") else ""),
-               f"optimizer: {self.optimizer}" + (f" -- {r['optimizer']}" if r.get("optimizer") else "")]
+               f"optimizer: {self.optimizer}" + (f" -- {r['optimizer']}" if r.get("optimizer") else ""),
+               f"LM head and loss: {'trained positions only' if self.logits == 'labelled' else 'every position'}"
+               + (f" -- {r['logits']}" if r.get("logits") else "")]
         if mem.get("estimate_bytes"):
             line = f"memory: estimated peak {mem['estimate_bytes'] / GiB:.2f} GiB"
             if mem.get("where") == "cpu":
@@ -322,12 +327,16 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
     if config.batching is None:
         reasons["batching"] = ("no padding: examples packed into rows, used where the model's attention keeps them "
                                "apart (checked when it loads; otherwise padded and grouped by length)")
+    logits = config.logits or "labelled"
+    if config.logits is None:
+        reasons["logits"] = ("only at trained positions (prompt and padding skipped; the same loss), where the "
+                             "model takes a mask of positions (checked when it loads)")
     plan = RunPlan(model=config.model, architecture=architecture.name if architecture is not None else None,
                    model_params=params, device=device, machine=machine.label, precision=precision, quant=config.quant,
                    double_quant=config.double_quant, rank=rank, alpha=alpha, targets=targets,
                    lora_dropout=config.lora_dropout, batch_size=config.batch_size, grad_accum=config.grad_accum,
                    max_seq_len=config.max_seq_len, batching=batching, attention=attention,
-                   gradient_checkpointing=True, optimizer=optimizer, reasons=reasons)
+                   gradient_checkpointing=True, optimizer=optimizer, reasons=reasons, logits=logits)
     plan.gradient_checkpointing, why = _checkpointing(config, plan, architecture, machine)
     if why:
         reasons["gradient_checkpointing"] = why

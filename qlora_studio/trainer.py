@@ -82,7 +82,7 @@ def _fit_plan_to_model(run: RunFolder, cfg: TrainConfig, plan: RunPlan, model, s
     that could not be read, or a target is missing from the model, they are planned from its layers.
     Packing is used only where the attention keeps packed examples apart. Each change is recorded in
     plan.json's ``adjustments``."""
-    from .batching import packing_respected
+    from .batching import labelled_logits_supported, packing_respected
     from .loading import count_parameters, linear_module_names
 
     adjustments = []
@@ -114,6 +114,13 @@ def _fit_plan_to_model(run: RunFolder, cfg: TrainConfig, plan: RunPlan, model, s
             plan.batching = "grouped"
             plan.reasons["batching"] = "padded batches grouped by length: " + why
             adjustments.append("batching packed -> grouped: " + why)
+    if plan.logits == "labelled":
+        ok, why = labelled_logits_supported(model)
+        checks["logits"] = why
+        if not ok:
+            plan.logits = "all"
+            plan.reasons["logits"] = "every position: " + why
+            adjustments.append("logits labelled -> all: " + why)
     for a in adjustments:
         log("plan adjusted: " + a)
     doc = run.plan()
@@ -249,6 +256,7 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
                                      data_collator=_collator(plan, tokenizer, model), processing_class=tokenizer,
                                      callbacks=[callback, *([golden] if golden else []), *extra_callbacks])
     trainer.packed = plan.batching == "packed"
+    trainer.labelled_logits = plan.logits == "labelled"
     trainer.remove_callback(PrinterCallback)  # our callback logs; the printer would echo raw dicts
     resume_from = None
     if resume:

@@ -127,3 +127,43 @@ def test_speed_settings_are_validated():
         with pytest.raises(ConfigError) as e:
             TrainConfig.from_dict({"data": "x.jsonl", **bad})
         assert next(iter(bad)) in str(e.value)
+
+
+def test_the_lm_head_at_trained_positions_only_gives_the_same_loss_and_gradients(tiny_llama):
+    """`labelled_positions_only`: the logits of prompt and padding positions are never computed, and the
+    loss and every gradient are those of the whole batch (with and without ``num_items_in_batch``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_studio.batching import labelled_logits_supported, labelled_positions_only
+
+    class OwnHead(torch.nn.Module):  # a model with its own code: every position
+        def forward(self, input_ids, labels=None):
+            return input_ids
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert labelled_logits_supported(model)[0] and not labelled_logits_supported(OwnHead())[0]
+    g = torch.Generator().manual_seed(1)
+    features = []
+    for n, prompt in ((40, 25), (17, 9), (30, 30 - 6)):  # each: a prompt (masked) and an answer
+        ids = torch.randint(10, 2000, (n,), generator=g).tolist()
+        features.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    batch = PackedBatches(pad_id=0, attention_span=64)(features)
+    batch.pop("attention_mask")
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+
+    def loss_and_grads(inputs, **kw):
+        model.zero_grad()
+        out = model(**inputs, **kw)
+        out.loss.backward()
+        return out, out.loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    for kw in ({}, {"num_items_in_batch": torch.tensor(trained + 7)}):
+        _, full, full_grads = loss_and_grads(batch, **kw)
+        out, kept, kept_grads = loss_and_grads(labelled_positions_only(batch), **kw)
+        assert out.logits.shape == (trained, model.config.vocab_size), "only trained positions are projected"
+        assert kept.item() == pytest.approx(full.item(), rel=1e-5)
+        for a, b in zip(full_grads, kept_grads):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    unlabelled = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    assert labelled_positions_only(unlabelled) is unlabelled  # nothing to train: left as it is

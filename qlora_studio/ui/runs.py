@@ -180,14 +180,15 @@ def build(ctx) -> None:
     gr.Markdown("Every run on this machine: compare, resume, or clean up.", elem_classes=["qs-tab-intro"])
     with gr.Row():
         ctx.rn_refresh = gr.Button("Refresh", elem_id="runs-refresh", scale=0, min_width=120)
-    ctx.rn_table = gr.Dataframe(label="Runs", elem_id="runs-table", interactive=False, wrap=True, max_height=320)
+    ctx.rn_table = gr.Dataframe(label="Runs", elem_id="runs-table", interactive=False, wrap=True, max_height=320,
+                                column_widths=["13%", "15%", "9%", "10%", "7%", "7%", "18%", "8%", "13%"])
     ctx.rn_select = gr.CheckboxGroup(label="Select runs (to compare, resume or delete)", choices=[], elem_id="runs-select")
     with gr.Row():
         ctx.rn_resume = gr.Button("Resume selected", elem_id="runs-resume")
         ctx.rn_chat = gr.Button("Open in Chat", elem_id="runs-chat")
         ctx.rn_load = gr.Button("Load its settings into Train", elem_id="runs-load")
         ctx.rn_delete = gr.Button("Delete selected …", variant="stop", elem_id="runs-delete")
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False):
         ctx.rn_eval = gr.Button("Evaluate on its held-out data", elem_id="runs-evaluate", scale=1)
         ctx.rn_eval_limit = gr.Number(label="at most this many prompts", info="each is answered twice: by the base and "
                                       "the fine-tuned model", value=50, precision=0, minimum=1, elem_id="runs-eval-limit",
