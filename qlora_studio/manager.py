@@ -1,4 +1,5 @@
-"""The run manager: owns the one training run of this process, in a background thread.
+"""The run manager: owns the one training run of this process, in a background thread (which trains a run
+of one process itself, and launches and watches the worker processes of a multi-process run, `launcher`).
 
 Only one run trains at a time in a process, and (see `ownership`) one per device across processes
 unless ``allow_parallel``; a run folder is trained by one process only. A refused start or resume
@@ -189,9 +190,16 @@ class RunManager:
 
         import_training_stack()  # here, before any other thread can import half of it
 
+        processes = int((run.plan().get("plan") or {}).get("processes", 1))
+
         def target():
             try:
-                self.last_status = run_training(run, stop, resume=resume, echo=echo)
+                if processes > 1:  # worker processes under torchrun, watched from this thread
+                    from .launcher import run_processes
+
+                    self.last_status = run_processes(run, stop, resume=resume, echo=echo)
+                else:
+                    self.last_status = run_training(run, stop, resume=resume, echo=echo)
             finally:
                 for lock in locks:
                     lock.release()
