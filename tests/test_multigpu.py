@@ -222,9 +222,9 @@ def test_a_run_exported_as_a_job(studio_home, toy_data, capsys):
 
 
 def _settings(tiny_llama, toy_data, **over) -> dict:
-    settings = dict(model=str(tiny_llama), data=str(toy_data), max_steps=30, batch_size=4, grad_accum=2,
-                    max_seq_len=64, learning_rate=3e-3, lora_dropout=0.0, eval_fraction=0.1, eval_steps=10,
-                    save_steps=5, golden_prompts=1, golden_max_new_tokens=8, seed=7)
+    settings = dict(model=str(tiny_llama), data=str(toy_data), max_steps=20, batch_size=4, grad_accum=2,
+                    max_seq_len=64, learning_rate=1e-2, lora_dropout=0.0, eval_fraction=0.1, eval_steps=10,
+                    save_steps=4, golden_prompts=1, golden_max_new_tokens=8, seed=7)
     settings.update(over)
     return settings
 
@@ -257,7 +257,7 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio
     assert run_training(single)["state"] == "completed"
     t_single = time.time() - t0
 
-    # The 2-process run, from the command line; its launcher killed (-9) after the checkpoint of step 10.
+    # The 2-process run, from the command line; its launcher killed (-9) after the checkpoint of step 4.
     config = tmp_path / "ddp.json"
     config.write_text(json.dumps(_settings(tiny_llama, toy_data, processes=2)))
     run = RunFolder(studio_home / "runs" / "ddp")
@@ -266,7 +266,7 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio
     t1 = time.time()
     cli = subprocess.Popen([sys.executable, "-m", "qlora_studio.cli", "train", "--config", str(config), "--output", "ddp"],
                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    _wait(lambda: (run.checkpoints_dir / "checkpoint-10" / "trainer_state.json").is_file(), "checkpoint-10", cli)
+    _wait(lambda: (run.checkpoints_dir / "checkpoint-4" / "trainer_state.json").is_file(), "checkpoint-4", cli)
     rank0 = run.status()["pid"]
     assert rank0 != cli.pid and run.plan()["plan"]["processes"] == 2
     cli.send_signal(signal.SIGKILL)
@@ -283,7 +283,7 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio
     assert manager.stop()
     stopped = manager.wait(240)
     assert stopped["state"] == "stopped", stopped
-    assert run.last_checkpoint().name == f"checkpoint-{stopped['step']}" and stopped["step"] < 30
+    assert run.last_checkpoint().name == f"checkpoint-{stopped['step']}" and stopped["step"] < 20
     manager.resume("ddp")
     final = manager.wait(300)
     t_ddp = time.time() - t1
@@ -291,7 +291,7 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio
 
     # Rank 0 alone wrote the run folder: one record per step, one summary; both replicas ended identical.
     steps = [r["step"] for r in _train(run)]
-    assert steps == list(range(1, 31)), steps
+    assert steps == list(range(1, 21)), steps
     summary = run.summary()
     replicas = summary["processes"]
     assert replicas["count"] == 2 and replicas["adapters_identical"] is True
@@ -308,4 +308,4 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio
     worst = max(abs(x - y) / x for x, y in zip(a, b))
     print(f"\nsingle {t_single:.0f} s, 2 processes (kill, resume, stop, resume) {t_ddp:.0f} s; "
           f"losses single {a[0]:.4f} -> {a[-1]:.4f}, 2 processes {b[0]:.4f} -> {b[-1]:.4f}; worst step diff {worst:.2%}")
-    assert b[-1] < 0.7 * b[0] and worst < 0.05, list(zip(a, b))
+    assert b[-1] < b[0] - 0.5 and worst < 0.05, list(zip(a, b))
