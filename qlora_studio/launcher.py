@@ -87,43 +87,71 @@ def _echo(run: RunFolder, offset: int) -> int:
     return offset + end
 
 
-def _first_failure(run: RunFolder, since: int) -> tuple[int | None, str | None, list[str]]:
-    """(rank, message) of the first failure a worker reported in workers.log after byte ``since``, and the log's
-    last lines."""
+def _log_lines(run: RunFolder, since: int) -> list[str]:
     try:
         with open(run.path / WORKERS_LOG, "rb") as f:
             f.seek(since)
-            lines = f.read().decode("utf-8", "replace").splitlines()
+            return f.read().decode("utf-8", "replace").splitlines()
     except OSError:
-        return None, None, []
-    tail = [line for line in lines if line.strip()][-12:]
+        return []
+
+
+def _reported(lines: list[str]) -> dict[int, str]:
+    """rank -> the first failure that worker reported itself (`worker.FAILED_LINE`), in the order they came."""
+    out: dict[int, str] = {}
     for line in lines:
         if line.startswith(FAILED_LINE):
-            rest = line[len(FAILED_LINE):].strip()
-            rank, _, message = rest.partition(" ")
-            return (int(rank) if rank.isdigit() else None), message, tail
-    return None, None, tail
+            rank, _, message = line[len(FAILED_LINE):].strip().partition(" ")
+            if rank.isdigit():
+                out.setdefault(int(rank), message)
+    return out
+
+
+def _root_cause(lines: list[str]) -> tuple[int, str, str] | None:
+    """(rank, exit code, detail) of torchrun's "Root Cause (first observed failure)" summary, if it printed one."""
+    try:
+        start = max(i for i, line in enumerate(lines) if line.startswith("Root Cause"))
+    except ValueError:
+        return None
+    fields = {}
+    for line in lines[start + 1:start + 10]:
+        key, sep, value = line.strip().partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    rank = fields.get("rank", "").split(" ")[0]
+    if not rank.isdigit():
+        return None
+    detail = fields.get("traceback", "")
+    return int(rank), fields.get("exitcode", "?").split(" ")[0], "" if detail.startswith("To enable") else detail
 
 
 def _outcome(run: RunFolder, rc: int, since: int) -> tuple[dict, str | None, str | None]:
-    """(status, error, kind) after the workers ended: rank 0's own record when it is the cause (error None
-    unless it is an out-of-memory error, which may be retried), otherwise the first failure a worker
-    reported, or the exit code and the log's last lines."""
+    """(status, error, kind) after the workers ended. The cause is the rank torchrun saw fail first (else the
+    first that reported a failure): rank 0's own record stands when it is the cause (error None unless it is
+    an out-of-memory error, which may be retried); another rank's failure is told by its own message, or by
+    its exit code or signal; with neither, the exit code and workers.log's last lines."""
     from .recovery import is_oom
 
     status = read_run_file(run.path / "status.json") or {}
     if rc == 0 and status.get("state") in ("completed", "stopped"):
         return status, None, None
-    rank, message, tail = _first_failure(run, since)
-    if status.get("state") == "failed" and (rank in (None, 0)):  # rank 0 recorded why (NaN, disk, its error)
+    lines = _log_lines(run, since)
+    tail = [line for line in lines if line.strip()][-12:]
+    reported, root = _reported(lines), _root_cause(lines)
+    rank = root[0] if root else next(iter(reported), None)
+    if status.get("state") == "failed" and rank in (None, 0):  # rank 0 recorded why (NaN, disk, its error)
         oom = status.get("error_kind") == "oom"
         return dict(status, exit_code=rc), status.get("error") if oom else None, status.get("error_kind")
+    message = reported.get(rank)
     if message:
         error = f"rank {rank} {message} (workers exited with code {rc}; see {WORKERS_LOG})"
+    elif root:
+        error = (f"rank {rank} ended with exit code {root[1]}" + (f" ({root[2]})" if root[2] else "")
+                 + f"; the others were stopped (see {WORKERS_LOG})")
     else:
         how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
         error = f"the worker processes ended with {how}: " + " | ".join(tail[-3:])
-    kind = "oom" if message and is_oom(Exception(message)) else (status.get("error_kind") or "workers")
+    kind = "oom" if message and is_oom(Exception(message)) else "workers"
     return dict(status, log_tail=tail), error, kind
 
 

@@ -222,8 +222,8 @@ def test_a_run_exported_as_a_job(studio_home, toy_data, capsys):
 
 
 def _settings(tiny_llama, toy_data, **over) -> dict:
-    settings = dict(model=str(tiny_llama), data=str(toy_data), max_steps=20, batch_size=4, grad_accum=2,
-                    max_seq_len=64, learning_rate=1e-2, lora_dropout=0.0, eval_fraction=0.1, eval_steps=10,
+    settings = dict(model=str(tiny_llama), data=str(toy_data), max_steps=16, batch_size=4, grad_accum=2,
+                    max_seq_len=64, learning_rate=1e-2, lora_dropout=0.0, eval_fraction=0.1, eval_steps=8,
                     save_steps=4, golden_prompts=1, golden_max_new_tokens=8, seed=7)
     settings.update(over)
     return settings
@@ -246,6 +246,19 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _worker_pid(rank: int) -> int | None:
+    """The pid of this process's worker of ``rank`` (by its environment: torchrun's RANK, our launcher's pid)."""
+    want = {f"RANK={rank}".encode(), f"QLORA_STUDIO_LAUNCHER_PID={os.getpid()}".encode()}
+    for proc in Path("/proc").iterdir():
+        try:
+            env = set((proc / "environ").read_bytes().split(b"\0"))
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and want <= env and b"qlora_studio.worker" in (proc / "cmdline").read_bytes():
+            return int(proc.name)
+    return None
 
 
 def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio_home, tiny_llama, toy_data, tmp_path):
@@ -275,15 +288,28 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio
     assert run.status()["state"] == "interrupted"
     assert run.last_checkpoint() is not None and not (run.adapter / "adapter_model.safetensors").exists()
 
-    # Resumed from the app's manager (2 processes again); stopped a few steps later; resumed to the end.
+    # Resumed from the app's manager (2 processes again); its rank 1 killed: the run fails and says which, how.
     manager = RunManager()
+    manager.resume("ddp")
+    resumed_from = max(s for s, _ in run.checkpoints())
+    _wait(lambda: max((r["step"] for r in _train(run)), default=0) >= resumed_from + 2, "steps after the resume")
+    os.kill(_worker_pid(1), signal.SIGKILL)
+    failed = manager.wait(240)
+    assert failed["state"] == "failed" and failed["error_kind"] == "workers", failed
+    assert failed["error"].startswith("rank 1 ended with exit code -9") and "SIGKILL" in failed["error"], failed["error"]
+    assert failed["exit_code"] != 0 and failed["log_tail"] and run.status()["state"] == "failed"
+    from qlora_studio.runs import RunRecord
+
+    assert RunRecord.from_folder(run).resumable
+
+    # Resumed again; stopped a few steps later (every process at the same step); resumed to the end.
     manager.resume("ddp")
     resumed_from = max(s for s, _ in run.checkpoints())
     _wait(lambda: max((r["step"] for r in _train(run)), default=0) >= resumed_from + 2, "steps after the resume")
     assert manager.stop()
     stopped = manager.wait(240)
     assert stopped["state"] == "stopped", stopped
-    assert run.last_checkpoint().name == f"checkpoint-{stopped['step']}" and stopped["step"] < 20
+    assert run.last_checkpoint().name == f"checkpoint-{stopped['step']}" and stopped["step"] < 16
     manager.resume("ddp")
     final = manager.wait(300)
     t_ddp = time.time() - t1
@@ -291,21 +317,21 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio
 
     # Rank 0 alone wrote the run folder: one record per step, one summary; both replicas ended identical.
     steps = [r["step"] for r in _train(run)]
-    assert steps == list(range(1, 21)), steps
+    assert steps == list(range(1, 17)), steps
     summary = run.summary()
     replicas = summary["processes"]
     assert replicas["count"] == 2 and replicas["adapters_identical"] is True
     assert [r["rank"] for r in replicas["ranks"]] == [0, 1] and len({r["adapter_sha256"] for r in replicas["ranks"]}) == 1
     assert (run.adapter / "adapter_model.safetensors").is_file() and summary["eval"]["eval_loss"] > 0
     logged = (run.path / "train.log").read_text()
-    # One line per launch (train, resume, resume): rank 0's alone.
-    assert logged.count("this is rank 0, which writes the run folder") == 3
+    # One line per launch (train, resume, resume, resume): rank 0's alone.
+    assert logged.count("this is rank 0, which writes the run folder") == 4
     assert "stop requested" in logged and "resuming from checkpoint-" in logged
     assert (run.path / "workers.log").is_file() and not (run.path / ".stop").exists()
 
     # The same effective batch on one process: the same losses, step by step, within noise.
     a, b = [r["loss"] for r in _train(single)], [r["loss"] for r in _train(run)]
     worst = max(abs(x - y) / x for x, y in zip(a, b))
-    print(f"\nsingle {t_single:.0f} s, 2 processes (kill, resume, stop, resume) {t_ddp:.0f} s; "
+    print(f"\nsingle {t_single:.0f} s, 2 processes (4 launches: killed, failed, stopped, completed) {t_ddp:.0f} s; "
           f"losses single {a[0]:.4f} -> {a[-1]:.4f}, 2 processes {b[0]:.4f} -> {b[-1]:.4f}; worst step diff {worst:.2%}")
     assert b[-1] < b[0] - 0.5 and worst < 0.05, list(zip(a, b))
