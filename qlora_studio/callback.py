@@ -183,7 +183,8 @@ def callback_class():
                 self._pace_evaluation(state, control)
             problem = None
             if control.should_save and self.world.main:  # before the Trainer writes it: is there room?
-                problem = check_before_save(self.run.path, self.run.plan().get("plan") or {}, self.run.last_checkpoint())
+                problem = check_before_save(self.run.path, self.run.plan().get("plan") or {},
+                                            self.run.last_checkpoint())
             if self.world.multi:  # rank 0's pace and disk decide for every process
                 flags = self.world.from_main([int(control.should_training_stop), int(control.should_save),
                                               int(control.should_evaluate), int(problem is not None)])

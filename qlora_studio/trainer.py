@@ -220,10 +220,9 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
     from .batching import studio_trainer_class
     from .compat import keep_4bit_weights_trainable
     from .diagnose import Diagnoser, settings_view
-    from .golden import golden_callback, truncate_samples_after
+    from .golden import golden_callback
     from .loading import count_parameters, load_plan_model, load_tokenizer
     from .models import resolve_model
-    from .recovery import truncate_metrics_after
     from .world import World
 
     world = world or World()
@@ -267,18 +266,7 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
                                      callbacks=[callback, *([golden] if golden else []), *extra_callbacks])
     trainer.packed = plan.batching == "packed"
     trainer.remove_callback(PrinterCallback)  # our callback logs; the printer would echo raw dicts
-    resume_from = None
-    if resume:
-        ckpt = run.last_checkpoint()
-        if ckpt is None:
-            raise TrainingError(f"{run.path}: no checkpoint to resume from")
-        if run.writer:
-            truncate_metrics_after(run, checkpoint_step(ckpt))
-            truncate_samples_after(run, checkpoint_step(ckpt))
-        world.barrier()  # every process reads the history as rank 0 left it
-        resume_from = str(ckpt)
-        log(f"resuming from {ckpt.name}")
-        diagnoser.add_all(run.metrics())  # the detectors see the history they continue (findings already logged)
+    resume_from = _resume_point(run, world, diagnoser, log) if resume else None
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     total_steps = schedule["total_steps"]
@@ -293,6 +281,24 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
         result_metrics = {}
         trainer.state.global_step = 0
     return _finish(run, plan, trainer, callback, data, result_metrics, bool(resume_from), log, golden, world)
+
+
+def _resume_point(run: RunFolder, world, diagnoser, log) -> str:
+    """The checkpoint a resumed attempt continues from; the metrics and samples logged after it are dropped
+    (by rank 0, before any process reads them again)."""
+    from .golden import truncate_samples_after
+    from .recovery import truncate_metrics_after
+
+    ckpt = run.last_checkpoint()
+    if ckpt is None:
+        raise TrainingError(f"{run.path}: no checkpoint to resume from")
+    if run.writer:
+        truncate_metrics_after(run, checkpoint_step(ckpt))
+        truncate_samples_after(run, checkpoint_step(ckpt))
+    world.barrier()  # every process reads the history as rank 0 left it
+    log(f"resuming from {ckpt.name}")
+    diagnoser.add_all(run.metrics())  # the detectors see the history they continue (findings already logged)
+    return str(ckpt)
 
 
 def _stopped_during_evaluation(trainer, callback, log) -> dict:
