@@ -109,8 +109,7 @@ def run_worker(run_path: str, resume: bool) -> int:
     run = RunFolder(resolve_run(run_path), writer=world.main)
     log = run_log(run, echo=False)
     stop = StopRequest(run.path / STOP_FILE)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     lock = None
     try:
         import_training_stack()
@@ -135,6 +134,8 @@ def run_worker(run_path: str, resume: bool) -> int:
     finally:
         if lock is not None:
             lock.release()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,7 +159,7 @@ def test_4bit_weights_are_stored_in_the_compute_dtype_for_fsdp(tiny_llama):
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits.float()).all()
 
 
-def test_the_guard_refuses_a_world_that_is_not_the_plan(studio_home, tiny_llama, toy_data):
+def test_the_guard_refuses_a_world_that_is_not_the_plan(studio_home, tiny_llama, toy_data, capsys):
     plan = plan_run(TrainConfig(data="x", processes=2), Machine("cpu", ram_available_bytes=16 * GiB))
     check_world(plan, World(rank=0, size=2, local_size=2))
     with pytest.raises(WorldMismatch, match="1 process launched, but the run was planned for 2"):
@@ -172,12 +172,12 @@ def test_the_guard_refuses_a_world_that_is_not_the_plan(studio_home, tiny_llama,
 
     # The worker started without torchrun (one process) on a 2-process run: refused before loading anything.
     from qlora_studio.training import prepare_run
+    from qlora_studio.worker import main
 
     run = prepare_run(TrainConfig(model=str(tiny_llama), data=str(toy_data), processes=2, max_steps=2, batch_size=2,
                                   max_seq_len=64))
-    out = subprocess.run([sys.executable, "-m", "qlora_studio.worker", str(run.path)], capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, QLORA_STUDIO_HOME=str(studio_home)))
-    assert out.returncode == 1 and f"{FAILED_LINE} 0 failed (WorldMismatch)" in out.stderr, out.stderr[-2000:]
+    assert main([str(run.path)]) == 1
+    assert f"{FAILED_LINE} 0 failed (WorldMismatch)" in capsys.readouterr().err
     status = run.status()
     assert status["state"] == "failed" and "planned for 2" in status["error"] and status["error_kind"] == "WorldMismatch"
 
@@ -222,9 +222,9 @@ def test_a_run_exported_as_a_job(studio_home, toy_data, capsys):
 
 
 def _settings(tiny_llama, toy_data, **over) -> dict:
-    settings = dict(model=str(tiny_llama), data=str(toy_data), max_steps=16, batch_size=4, grad_accum=2,
-                    max_seq_len=64, learning_rate=1e-2, lora_dropout=0.0, eval_fraction=0.1, eval_steps=8,
-                    save_steps=4, golden_prompts=1, golden_max_new_tokens=8, seed=7)
+    settings = dict(model=str(tiny_llama), data=str(toy_data), max_steps=12, batch_size=4, grad_accum=2,
+                    max_seq_len=64, learning_rate=1e-2, lora_dropout=0.0, eval_fraction=0.1, eval_steps=6,
+                    save_steps=3, golden_prompts=1, golden_max_new_tokens=8, seed=7)
     settings.update(over)
     return settings
 
@@ -270,7 +270,7 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio
     assert run_training(single)["state"] == "completed"
     t_single = time.time() - t0
 
-    # The 2-process run, from the command line; its launcher killed (-9) after the checkpoint of step 4.
+    # The 2-process run, from the command line; its launcher killed (-9) after the checkpoint of step 3.
     config = tmp_path / "ddp.json"
     config.write_text(json.dumps(_settings(tiny_llama, toy_data, processes=2)))
     run = RunFolder(studio_home / "runs" / "ddp")
@@ -279,7 +279,7 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio
     t1 = time.time()
     cli = subprocess.Popen([sys.executable, "-m", "qlora_studio.cli", "train", "--config", str(config), "--output", "ddp"],
                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    _wait(lambda: (run.checkpoints_dir / "checkpoint-4" / "trainer_state.json").is_file(), "checkpoint-4", cli)
+    _wait(lambda: (run.checkpoints_dir / "checkpoint-3" / "trainer_state.json").is_file(), "checkpoint-3", cli)
     rank0 = run.status()["pid"]
     assert rank0 != cli.pid and run.plan()["plan"]["processes"] == 2
     cli.send_signal(signal.SIGKILL)
@@ -309,7 +309,7 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio
     assert manager.stop()
     stopped = manager.wait(240)
     assert stopped["state"] == "stopped", stopped
-    assert run.last_checkpoint().name == f"checkpoint-{stopped['step']}" and stopped["step"] < 16
+    assert run.last_checkpoint().name == f"checkpoint-{stopped['step']}" and stopped["step"] < 12
     manager.resume("ddp")
     final = manager.wait(300)
     t_ddp = time.time() - t1
@@ -317,7 +317,7 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio
 
     # Rank 0 alone wrote the run folder: one record per step, one summary; both replicas ended identical.
     steps = [r["step"] for r in _train(run)]
-    assert steps == list(range(1, 17)), steps
+    assert steps == list(range(1, 13)), steps
     summary = run.summary()
     replicas = summary["processes"]
     assert replicas["count"] == 2 and replicas["adapters_identical"] is True
@@ -334,4 +334,36 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio
     worst = max(abs(x - y) / x for x, y in zip(a, b))
     print(f"\nsingle {t_single:.0f} s, 2 processes (4 launches: killed, failed, stopped, completed) {t_ddp:.0f} s; "
           f"losses single {a[0]:.4f} -> {a[-1]:.4f}, 2 processes {b[0]:.4f} -> {b[-1]:.4f}; worst step diff {worst:.2%}")
-    assert b[-1] < b[0] - 0.5 and worst < 0.05, list(zip(a, b))
+    assert b[-1] < b[0] - 0.4 and worst < 0.05, list(zip(a, b))
+
+
+def test_an_exported_job_runs_with_its_own_torchrun_command(studio_home, tiny_llama, toy_data, tmp_path, capsys):
+    """The job's multi-node command (c10d rendezvous), run here as another machine would run it: no studio
+    process launches it, so rank 0 owns the run itself; the folder is then a completed run like any other."""
+    import shlex
+    import socket
+
+    from qlora_studio.cli import main
+    from qlora_studio.runs import list_runs
+
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps(_settings(tiny_llama, toy_data, max_steps=4, eval_fraction=0.0, golden_prompts=0)))
+    assert main(["job", "--config", str(config), "--gpus", "2", "--output", "job-run", "--json"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert (described["processes"], described["parallel"]) == (2, "ddp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = shlex.split(described["commands"]["multi_node"].replace("HOST:29500", f"127.0.0.1:{port}"))
+    assert command[:3] == ["torchrun", "--nnodes", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "QLORA_STUDIO_LAUNCHER_PID"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", *command[1:]], cwd=studio_home / "runs",
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = RunFolder(studio_home / "runs" / "job-run")
+    assert run.status()["state"] == "completed" and [r["step"] for r in _train(run)] == [1, 2, 3, 4]
+    assert run.summary()["processes"]["adapters_identical"] is True
+    assert {r.name: r.state for r in list_runs()}["job-run"] == "completed"
+    from qlora_studio.ownership import run_owner
+
+    assert run_owner(run.path) is None  # rank 0 held the run while it trained, and let it go
