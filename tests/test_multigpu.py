@@ -212,6 +212,10 @@ def test_a_run_exported_as_a_job(studio_home, toy_data, capsys):
     assert subprocess.run(["bash", "-n", str(job / "launch.sh")]).returncode == 0
     status = run.status()
     assert status["state"] == "interrupted" and status["phase"] == "exported job"
+    from qlora_studio.manager import RunManager
+
+    with pytest.raises(WorldMismatch, match="8 processes on this machine but only 0 GPUs"):
+        RunManager._check_processes(run)  # brought back unfinished: not resumed on a machine without the GPUs
     with pytest.raises(ConfigError, match="6 processes cannot be split evenly over 4 machines"):
         from qlora_studio.job import export_job
 
