@@ -100,8 +100,9 @@ def choose_parallel(config, machine, plan, memory) -> None:
 
 def _fsdp_choices(config, plan) -> None:
     """What FSDP-QLoRA needs: the 4-bit storage dtype (the compute dtype; fp32 under fp16, as the peft guide
-    says), an optimizer that can save a sharded checkpoint, and no golden prompts (generating from one
-    process would wait for the others' shards)."""
+    says), an optimizer that can save a sharded checkpoint, padded batches unless packing is asked for (its
+    check runs the whole model), and no golden prompts (generating from one process would wait for the
+    others' shards)."""
     reasons = plan.reasons
     if plan.quant != "none":
         plan.quant_storage = STORAGE_FOR[plan.precision]
@@ -115,6 +116,11 @@ def _fsdp_choices(config, plan) -> None:
                               "peft limitation)", field="optimizer", hint="use adamw_torch or adamw_8bit with fsdp")
         plan.optimizer = "adamw_torch"
         reasons["optimizer"] = "32-bit AdamW: paged 8-bit AdamW cannot save a checkpoint under FSDP (peft)"
+    if config.batching is None and plan.batching == "packed":
+        plan.batching = "grouped"
+        reasons["batching"] = ("padded batches grouped by length: whether the attention keeps packed examples apart "
+                               "is checked on the whole model, which no FSDP process holds (set batching: packed "
+                               "if you know it does)")
     reasons["parallel"] += ("; golden prompts are not answered while training (the model is sharded): "
                             "`qlora-studio eval` answers them afterwards; merge as a separate step")
 

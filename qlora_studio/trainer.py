@@ -110,7 +110,9 @@ def _fit_plan_to_model(run: RunFolder, cfg: TrainConfig, plan: RunPlan, model, s
             setattr(plan, key, getattr(replanned, key))
         plan.reasons["lora"] = replanned.reasons.get("lora", "as configured") + " (from the loaded model's layers)"
     checks = {}
-    if plan.batching == "packed":
+    if plan.batching == "packed" and plan.parallel == "fsdp":  # as configured: no process holds the whole model
+        checks["packing"] = "not checked under FSDP (packed as configured)"
+    elif plan.batching == "packed":
         ok, why = packing_respected(model)
         checks["packing"] = why
         if not ok:

@@ -72,6 +72,7 @@ def test_the_plan_splits_the_effective_batch_and_knows_the_memory_per_gpu():
     assert "does not fit one GPU" in big.reasons["parallel"] and "golden prompts are not answered" in big.reasons["parallel"]
     assert big.quant_storage == big.precision == "bf16"  # FSDP-QLoRA: 4-bit packed in the compute dtype
     assert big.optimizer == "adamw_torch"  # paged 8-bit AdamW cannot save under FSDP
+    assert big.batching == "grouped" and "no FSDP process holds" in big.reasons["batching"]
     weights_one = plan_run(TrainConfig(data="x", model="Qwen2.5-72B"), Machine.for_gpu(find_gpu("A100-40GB")),
                            big_arch).memory["breakdown"]["weights"]
     assert big.memory["breakdown"]["weights"] < 0.4 * weights_one  # a quarter of the base, plus what is gathered
