@@ -372,3 +372,30 @@ def test_an_exported_job_runs_with_its_own_torchrun_command(studio_home, tiny_ll
     from qlora_studio.ownership import run_owner
 
     assert run_owner(run.path) is None  # rank 0 held the run while it trained, and let it go
+
+
+def test_the_launcher_reads_which_rank_failed_and_why(tmp_path):
+    """workers.log as torchrun and the workers write it: the rank torchrun saw fail first is the cause; its own
+    message says why, and an out-of-memory one is retried like a single process's."""
+    from qlora_studio.launcher import WORKERS_LOG, _outcome
+    from qlora_studio.runs import atomic_write_json
+
+    run = RunFolder(tmp_path)
+    atomic_write_json(tmp_path / "status.json", {"state": "failed", "error": "RuntimeError: Connection closed by peer",
+                                                 "error_kind": "RuntimeError", "phase": "failed"})
+    root = ["Root Cause (first observed failure):", "[0]:", "  time      : 2026-12-03_18:21:31", "  host      : localhost",
+            "  rank      : 1 (local_rank: 1)", "  exitcode  : 1 (pid: 20271)", "  error_file: <N/A>",
+            "  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html"]
+    (tmp_path / WORKERS_LOG).write_text("\n".join([
+        f"{FAILED_LINE} 1 failed (oom): OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        f"{FAILED_LINE} 0 failed (RuntimeError): RuntimeError: Connection closed by peer", *root]) + "\n")
+    status, error, kind = _outcome(run, 1, 0)
+    assert kind == "oom" and error.startswith("rank 1 failed (oom): OutOfMemoryError: CUDA out of memory"), error
+    assert status["log_tail"][-1].startswith("  traceback")
+    # Rank 0 the cause (its own record stands), and nothing reported but an exit code.
+    (tmp_path / WORKERS_LOG).write_text("\n".join(root).replace("rank      : 1", "rank      : 0") + "\n")
+    assert _outcome(run, 1, 0)[1:] == (None, "RuntimeError")
+    atomic_write_json(tmp_path / "status.json", {"state": "running", "phase": "training"})
+    (tmp_path / WORKERS_LOG).write_text("torchrun: some last words\n")
+    status, error, kind = _outcome(run, -9, 0)
+    assert kind == "workers" and error == "the worker processes ended with signal 9: torchrun: some last words"
