@@ -128,8 +128,9 @@ def _fsdp_choices(config, plan) -> None:
 # ------------------------------------------------------------------ memory per process
 
 
-def per_process(est, arch, plan, mode: str):
-    """One process's peak memory (`estimator.MemoryBreakdown`) from the single-GPU estimate ``est``.
+def per_process(est, arch, processes: int, mode: str):
+    """One of ``processes`` processes' peak memory (`estimator.MemoryBreakdown`) from the single-GPU estimate
+    ``est`` (its settings say the quantization and the compute dtype).
 
     DDP: a full replica; the reducer's buckets hold a second copy of the gradients. FSDP: the base
     weights, adapters, gradients and optimizer states divided by the processes, plus what is gathered
@@ -138,13 +139,13 @@ def per_process(est, arch, plan, mode: str):
     from .estimator import COMPUTE_DTYPES, quantized_linear_bytes
 
     b = dict(est.breakdown)
-    n = plan.processes
+    n, settings = processes, est.settings
     if mode == "ddp":
         b["gradients"] *= 2
         notes = ["DDP: a full replica per GPU; its gradient buckets hold a second copy of the adapters' gradients"]
     else:
-        c = COMPUTE_DTYPES[plan.precision]
-        layer = sum(quantized_linear_bytes(m.weight_params, plan.double_quant) if plan.quant != "none"
+        c = COMPUTE_DTYPES[settings["compute_dtype"]]
+        layer = sum(quantized_linear_bytes(m.weight_params, settings["double_quant"]) if settings["quant"] != "none"
                     else c * m.weight_params for m in arch.linear_layers())
         counts = arch.param_counts()
         gathered = 2 * layer + c * (counts.embeddings + counts.lm_head)

@@ -382,7 +382,7 @@ def _memory(plan: RunPlan, arch, machine: Machine) -> dict | None:
         from .parallel import per_process
 
         modes = ("ddp", "fsdp") if plan.device == "cuda" else ("ddp",)
-        per_gpu = {mode: per_process(est, arch, plan, mode) for mode in modes}
+        per_gpu = {mode: per_process(est, arch, plan.processes, mode) for mode in modes}
         est = per_gpu.get(plan.parallel, per_gpu["ddp"])
     out = {"estimate_bytes": est.total_bytes, "breakdown": est.breakdown, "where": plan.device}
     if per_gpu:

@@ -84,7 +84,7 @@ def test_the_plan_splits_the_effective_batch_and_knows_the_memory_per_gpu():
                  cards, big_arch)
 
 
-def test_gpus_and_nproc_flags_and_the_train_form():
+def test_gpus_and_nproc_flags_and_the_train_form(capsys):
     import argparse
 
     from qlora_studio.config import add_flags, flag_overrides
@@ -98,6 +98,15 @@ def test_gpus_and_nproc_flags_and_the_train_form():
 
     assert "parallel" not in form_groups(1) and "parallel" in form_groups(2)
     assert "processes" not in {s.name for s in FORM_SETTINGS}  # this machine has no two GPUs
+
+    from qlora_studio.cli import main
+
+    totals = {}
+    for gpus, parallel in ((1, "ddp"), (4, "ddp"), (4, "fsdp")):
+        assert main(["estimate", "--model", "Qwen2.5-72B", "--gpus", str(gpus), "--parallel", parallel, "--json"]) == 0
+        totals[gpus, parallel] = json.loads(capsys.readouterr().out)
+    assert totals[4, "fsdp"]["total_bytes"] < 0.6 * totals[1, "ddp"]["total_bytes"] < totals[4, "ddp"]["total_bytes"]
+    assert "FSDP over 4" in totals[4, "fsdp"]["assumptions"][-1] and "DDP" in totals[4, "ddp"]["assumptions"][-1]
 
 
 # ------------------------------------------------------------------ FSDP2 without a GPU
