@@ -178,12 +178,13 @@ def run_processes(run: RunFolder, stop_event: threading.Event | None = None, res
         if error is None:
             return status
         phase = status.get("phase")
+        if phase == "failed":  # rank 0 recorded the failure: its error_step says whether it was training
+            phase = "training" if status.get("error_step") else "loading model"
         can_retry = (kind == "oom" and recovered < cfg_retries and plan.get("batch_size", 1) > 1
-                     and not stop_event.is_set() and phase in ("training", "failed"))
+                     and not stop_event.is_set() and phase == "training")
         if not can_retry:
             log(f"FAILED: {error}")
-            return record_failure(run, error, kind, phase if phase != "failed" else "training",
-                                  exit_code=rc, log_tail=status.get("log_tail"))
+            return record_failure(run, error, kind, phase, exit_code=rc, log_tail=status.get("log_tail"))
         recovered += 1
         resume = recover_from_oom(run, error, cfg_retries, log)["resumed_from"] is not None
 
