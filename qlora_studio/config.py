@@ -142,15 +142,16 @@ class TrainConfig:
     device: str | None = setting(None, "where to train", "choice", choices=("cuda", "cpu"), auto=True,
                                  auto_help="the GPU if there is one", group="speed")
     seed: int = setting(42, "random seed", "int", minimum=0, group="speed")
-    # -- more than one process (`plan._parallel` decides; `launcher` starts them; the Train tab shows these
-    #    only where more than one GPU is detected)
+    # -- more than one process (the plan decides with `parallel.split_processes` / `choose_parallel`; `launcher`
+    #    starts them; the Train tab shows these only where more than one GPU is detected)
     processes: int | None = setting(
         None, "training processes: one per GPU; on the CPU, gloo worker processes (for testing, not speed)", "int",
         auto=True, auto_help="1", minimum=1, maximum=1024, flag="gpus", aliases=("--nproc",), group="parallel")
     parallel: str | None = setting(
         None, "how the processes share the work: ddp (a 4-bit copy of the model per GPU, the data split) or fsdp "
         "(the model sharded across the GPUs, for a model that does not fit one)", "choice", choices=("ddp", "fsdp"),
-        auto=True, auto_help="ddp; fsdp when a copy of the model does not fit one GPU but a shard does", group="parallel")
+        auto=True, auto_help="ddp; fsdp when a copy of the model does not fit one GPU but a shard does",
+        group="parallel")
     # -- the run
     trust_remote_code: bool = setting(False, "run code that ships with the model", "bool", group="internal")
     name: str | None = setting(None, "the run folder's name (letters, digits, . _ -)", "str", auto=True,
