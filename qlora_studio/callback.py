@@ -12,7 +12,12 @@
   `trainer.train` saves the checkpoint);
 - free disk space before each checkpoint (`diskspace.check_before_save`);
 - each record fed to a `Diagnoser`: findings go to train.log, and a NaN/inf stops the run at once
-  without evaluating or saving the poisoned state.
+  without evaluating or saving the poisoned state;
+- in a run of several processes (`world.World`), the same decisions on every process at every step: a
+  stop asked of any of them (its flag, the launcher's stop file, a signal) stops all at the end of the
+  same step, rank 0 decides evaluations and saves (its pace, its disk check) and the others follow, and
+  all of them end at once, without saving, when the studio process that launched them is gone. Only rank
+  0 writes (`RunFolder.writer`); a stop during an evaluation waits for its end there.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ STATUS_EVERY_S = 2.0  # evaluation progress is written to status.json at most th
 
 class StopDuringEvaluation(Exception):
     """Raised from inside an evaluation when the user asks the run to stop."""
+
+
+class LauncherGone(Exception):
+    """The studio process that launched a run's processes (and owns the run) has ended: they end too."""
 
 
 def peak_memory_mb(device: str) -> dict:
@@ -59,7 +68,11 @@ def callback_class():
         ``self.disk_full`` why a save was refused, ``self.stopped`` whether the user stopped it."""
 
         def __init__(self, run: RunFolder, stop_event: threading.Event, device: str, log=print, diagnoser=None,
-                     eval_batches: int | None = None):
+                     eval_batches: int | None = None, world=None):
+            from .world import World
+
+            self.world = world or World()
+            self.last_eval_step = None  # the step of this attempt's last evaluation
             self.run = run
             self.stop_event = stop_event
             self.device = device
@@ -102,6 +115,7 @@ def callback_class():
             now = time.time()
             rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": now}
             if "eval_loss" in logs:
+                self.last_eval_step = state.global_step
                 rec["type"] = "eval"
                 rec.update({k: v for k, v in logs.items() if k.startswith("eval_")})
             elif "loss" in logs:
@@ -138,10 +152,28 @@ def callback_class():
                 control.should_evaluate = False
                 self.log(f"stopping at step {state.global_step}: non-finite values; nothing more is saved")
 
+        def _agreed_stop(self) -> bool:
+            """Whether any process was asked to stop (one collective per step when there are several)."""
+            if not self.world.multi:
+                return self.stop_event.is_set()
+            stop, gone = self.world.all_max([int(self.stop_event.is_set()), int(self._launcher_gone())])
+            if gone:
+                raise LauncherGone("the studio process that launched this run ended: stopping without saving "
+                                   "(the run resumes from its last checkpoint)")
+            return bool(stop)
+
+        def _launcher_gone(self) -> bool:
+            if not (self.world.main and self.world.launcher_pid):
+                return False
+            from .ownership import run_owner
+
+            owner = run_owner(self.run.path)
+            return owner is None or owner.get("pid") != self.world.launcher_pid
+
         def on_step_end(self, args, state, control, **kw):
             if self.step_started is not None:
                 self.trained_since_eval += time.time() - self.step_started
-            if self.stop_event.is_set() and not self.stopped:
+            if self._agreed_stop() and not self.stopped:
                 self.stopped = True
                 control.should_training_stop = True
                 control.should_save = True
@@ -149,13 +181,21 @@ def callback_class():
                 self.log(f"stop requested: saving a checkpoint at step {state.global_step}")
             if control.should_evaluate and not control.should_training_stop:
                 self._pace_evaluation(state, control)
-            if control.should_save:  # before the Trainer writes it: is there room?
-                problem = check_before_save(self.run.path, self.run.plan().get("plan") or {}, self.run.last_checkpoint())
-                if problem:
-                    self.disk_full = f"{problem}; stopped at step {state.global_step} without saving it"
-                    control.should_save = control.should_evaluate = False
-                    control.should_training_stop = True
-                    self.log(self.disk_full)
+            problem = None
+            if control.should_save and self.world.main:  # before the Trainer writes it: is there room?
+                problem = check_before_save(self.run.path, self.run.plan().get("plan") or {},
+                                            self.run.last_checkpoint())
+            if self.world.multi:  # rank 0's pace and disk decide for every process
+                flags = self.world.from_main([int(control.should_training_stop), int(control.should_save),
+                                              int(control.should_evaluate), int(problem is not None)])
+                control.should_training_stop, control.should_save, control.should_evaluate = map(bool, flags[:3])
+                if flags[3] and problem is None:
+                    problem = "no room on rank 0's disk for the next checkpoint"
+            if problem:
+                self.disk_full = f"{problem}; stopped at step {state.global_step} without saving it"
+                control.should_save = control.should_evaluate = False
+                control.should_training_stop = True
+                self.log(self.disk_full)
             if control.should_evaluate:
                 self.eval_started, self.eval_done = time.time(), 0
                 self._phase("evaluating", step=state.global_step, eval_done=0, eval_total=self.eval_batches)
@@ -179,7 +219,8 @@ def callback_class():
 
         # -- evaluation
         def on_prediction_step(self, args, state, control, **kw):
-            if self.stop_event.is_set() and self.eval_started is not None and state.global_step > 0:
+            if (self.stop_event.is_set() and self.eval_started is not None and state.global_step > 0
+                    and not self.world.multi):  # several processes evaluate together: they stop after it
                 raise StopDuringEvaluation()
             self.eval_done += 1
             now = time.time()

@@ -386,6 +386,7 @@ def _add_serve_verbs(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .cli_advice import add_diagnose_verbs, add_plan_verbs
     from .cli_results import add_result_verbs
+    from .job import add_job_verb
 
     p = argparse.ArgumentParser(prog="qlora-studio", description="Fine-tune an open LLM with QLoRA, on one GPU or the CPU.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -393,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_verbs(sub)
     add_diagnose_verbs(sub)
     add_result_verbs(sub)
+    add_job_verb(sub, _settings_parser)
     _add_serve_verbs(sub)
     return p
 

@@ -43,6 +43,10 @@ def cmd_estimate(args) -> int:
         )
     except (ArchitectureError, ValueError) as e:
         raise UserError(str(e)) from e
+    if args.gpus > 1:  # one process's share: a DDP replica or an FSDP shard (`parallel.per_process`)
+        from .parallel import per_process
+
+        result = per_process(result, arch, args.gpus, args.parallel)
     if args.json:
         _print_json(result.to_dict())
     else:
@@ -102,6 +106,9 @@ def add_plan_verbs(sub) -> None:
                    help="recompute activations in backward (default: on)")
     p.add_argument("--optimizer", choices=["paged_adamw_8bit", "adamw_8bit", "adamw_torch"], default="paged_adamw_8bit")
     p.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument("--gpus", type=int, default=1, help="processes, one per GPU: the memory of each (default 1)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   help="with --gpus: a replica per GPU (ddp) or the model sharded (fsdp)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_estimate)
 

@@ -39,9 +39,10 @@ class Setting:
     maximum: float | None = None
     above: bool = False  # the minimum itself is not allowed (value > minimum)
     below: bool = False  # the maximum itself is not allowed (value < maximum)
-    group: str = "run"  # where the form shows it: model | lora | schedule | batch | speed | run | internal
+    group: str = "run"  # where the form shows it: model | lora | schedule | batch | speed | parallel | run | internal
     flag: str | None = ""  # command-line flag name ("" = from the name, None = no flag)
     custom: bool = False  # a choice that also accepts other values (a model id, a task name)
+    aliases: tuple = ()  # more command-line flags for the same setting ("--nproc" for --gpus)
 
     @property
     def flag_name(self) -> str | None:
@@ -150,6 +151,16 @@ class TrainConfig:
     device: str | None = setting(None, "where to train", "choice", choices=("cuda", "cpu"), auto=True,
                                  auto_help="the GPU if there is one", group="speed")
     seed: int = setting(42, "random seed", "int", minimum=0, group="speed")
+    # -- more than one process (the plan decides with `parallel.split_processes` / `choose_parallel`; `launcher`
+    #    starts them; the Train tab shows these only where more than one GPU is detected)
+    processes: int | None = setting(
+        None, "training processes: one per GPU; on the CPU, gloo worker processes (for testing, not speed)", "int",
+        auto=True, auto_help="1", minimum=1, maximum=1024, flag="gpus", aliases=("--nproc",), group="parallel")
+    parallel: str | None = setting(
+        None, "how the processes share the work: ddp (a 4-bit copy of the model per GPU, the data split) or fsdp "
+        "(the model sharded across the GPUs, for a model that does not fit one)", "choice", choices=("ddp", "fsdp"),
+        auto=True, auto_help="ddp; fsdp when a copy of the model does not fit one GPU but a shard does",
+        group="parallel")
     # -- the run
     trust_remote_code: bool = setting(False, "run code that ships with the model", "bool", group="internal")
     name: str | None = setting(None, "the run folder's name (letters, digits, . _ -)", "str", auto=True,
@@ -292,15 +303,16 @@ def add_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = 
         help_text = s.describe() + (f"; default {s.default}" if s.default not in (None, "") else "")
         help_text = help_text.replace("%", "%%")
         if s.kind == "bool":
-            parser.add_argument(s.flag_name, dest=s.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            parser.add_argument(s.flag_name, *s.aliases, dest=s.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
         elif s.kind in ("int", "float"):
-            parser.add_argument(s.flag_name, dest=s.name, type=str, default=None, metavar="N", help=help_text)
+            parser.add_argument(s.flag_name, *s.aliases, dest=s.name, type=str, default=None, metavar="N",
+                                help=help_text)
         elif s.choices and not s.custom and s.kind != "targets":
-            parser.add_argument(s.flag_name, dest=s.name, default=None,
+            parser.add_argument(s.flag_name, *s.aliases, dest=s.name, default=None,
                                 choices=list(s.choices) + ([AUTO] if s.auto else []), help=help_text)
         else:
-            parser.add_argument(s.flag_name, dest=s.name, default=None, help=help_text)
+            parser.add_argument(s.flag_name, *s.aliases, dest=s.name, default=None, help=help_text)
 
 
 def flag_overrides(args: argparse.Namespace) -> dict:

@@ -18,30 +18,38 @@ HEAD_NAMES = ("lm_head", "embed_out", "output", "score", "classifier")
 
 
 def load_base_model(path: str | Path, quant: str, precision: str, device: str, double_quant: bool = True,
-                    trust_remote_code: bool = False, attention: str | None = None):
+                    trust_remote_code: bool = False, attention: str | None = None, gpu: int | None = 0,
+                    quant_storage: str | None = None):
     """The base model: 4-bit (NF4/FP4, double quant) or 16-bit, on the chosen device.
-    ``precision``: "bf16" | "fp16" | "fp32" (see `plan.precision_for`)."""
+    ``precision``: "bf16" | "fp16" | "fp32" (see `plan.precision_for`). ``gpu``: the CUDA device it goes to
+    (a DDP process's local rank); None leaves the placement to FSDP. ``quant_storage``: the dtype 4-bit weights
+    are packed in for FSDP (the model is loaded in it too, as the peft FSDP-QLoRA guide does)."""
     import_training_stack()
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch_dtype(precision)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": torch_dtype(quant_storage) if quant_storage else dtype, "trust_remote_code": trust_remote_code}
     if attention:
         kwargs["attn_implementation"] = attention
     if quant in ("nf4", "fp4"):
         # Explicit on purpose: BitsAndBytesConfig defaults to FP4, no double quant, fp32 compute.
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=dtype)
-    if device == "cuda":
-        kwargs["device_map"] = {"": 0}
+            bnb_4bit_compute_dtype=dtype, **({"bnb_4bit_quant_storage": torch_dtype(quant_storage)}
+                                             if quant_storage else {}))
+    if device == "cuda" and gpu is not None:
+        kwargs["device_map"] = {"": gpu}
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
 def load_plan_model(path: str | Path, plan, trust_remote_code: bool = False):
-    """`load_base_model` with a `RunPlan`'s choices."""
+    """`load_base_model` with a `RunPlan`'s choices: each DDP process on its own GPU (LOCAL_RANK, set by
+    torchrun), an FSDP model placed by FSDP."""
+    import os
+
+    gpu = None if plan.parallel == "fsdp" else int(os.environ.get("LOCAL_RANK", 0))
     return load_base_model(path, plan.quant, plan.precision, plan.device, plan.double_quant, trust_remote_code,
-                           attention=plan.attention)
+                           attention=plan.attention, gpu=gpu, quant_storage=plan.quant_storage)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

@@ -1,4 +1,5 @@
-"""The run manager: owns the one training run of this process, in a background thread.
+"""The run manager: owns the one training run of this process, in a background thread (which trains a run
+of one process itself, and launches and watches the worker processes of a multi-process run, `launcher`).
 
 Only one run trains at a time in a process, and (see `ownership`) one per device across processes
 unless ``allow_parallel``; a run folder is trained by one process only. A refused start or resume
@@ -150,6 +151,7 @@ class RunManager:
             raise RunBusy(f"{folder.name} has no checkpoint to resume from"
                           + (f" ({damaged.why})" if damaged is not None else ""))
         folder.remove_torn_checkpoints()
+        RunManager._check_processes(folder)
         problem = check_before_save(folder.path, folder.plan().get("plan") or {}, folder.last_checkpoint())
         if problem:
             raise DiskFull(f"cannot resume {folder.name}: {problem}", hint="free some space first")
@@ -157,6 +159,23 @@ class RunManager:
             kept = damaged.path.with_name("status.json.damaged")
             os.replace(damaged.path, kept)
             atomic_write_json(damaged.path, {"state": "interrupted", "error": f"{damaged.why} (kept as {kept.name})"})
+
+    @staticmethod
+    def _check_processes(folder: RunFolder) -> None:
+        """A run of several processes resumes here only where they can run (a job's run brought back from a
+        bigger machine cannot): the workers' own guard, asked before launching them."""
+        from .parallel import check_world
+        from .plan import RunPlan
+        from .world import World
+
+        doc = folder.plan().get("plan") or {}
+        if int(doc.get("processes") or 1) <= 1:
+            return
+        import torch
+
+        plan = RunPlan.from_dict(doc)
+        check_world(plan, World(size=plan.processes, local_size=plan.processes),
+                    cuda_devices=torch.cuda.device_count() if plan.device == "cuda" else None)
 
     @staticmethod
     def _take_run(run: RunFolder) -> Lock:
@@ -189,9 +208,16 @@ class RunManager:
 
         import_training_stack()  # here, before any other thread can import half of it
 
+        processes = int((run.plan().get("plan") or {}).get("processes", 1))
+
         def target():
             try:
-                self.last_status = run_training(run, stop, resume=resume, echo=echo)
+                if processes > 1:  # worker processes under torchrun, watched from this thread
+                    from .launcher import run_processes
+
+                    self.last_status = run_processes(run, stop, resume=resume, echo=echo)
+                else:
+                    self.last_status = run_training(run, stop, resume=resume, echo=echo)
             finally:
                 for lock in locks:
                     lock.release()

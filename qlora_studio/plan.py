@@ -81,6 +81,7 @@ class Machine:
     ram_available_bytes: int | None = None
     cpu_bf16: bool = False  # the CPU computes bf16 natively (AVX512-BF16 / AMX)
     here: bool = True  # this machine (False: a card planned for, e.g. from the Hardware tab)
+    gpu_count: int = 0  # CUDA GPUs (of the kind described) a run may use
 
     @property
     def label(self) -> str:
@@ -104,18 +105,19 @@ class Machine:
                               "installed?)", field="device", why="no CUDA GPU visible to torch")
         if not has_cuda or device == "cpu":
             return cls("cpu", ram_available_bytes=available, cpu_bf16=cpu_has_bf16())
-        free, total = torch.cuda.mem_get_info(0)
-        return cls("cuda", torch.cuda.get_device_name(0), tuple(torch.cuda.get_device_capability(0)), total, free,
-                   available)
+        index = torch.cuda.current_device()  # a worker process's own GPU (its local rank), else GPU 0
+        free, total = torch.cuda.mem_get_info(index)
+        return cls("cuda", torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)), total,
+                   free, available, gpu_count=torch.cuda.device_count())
 
     @classmethod
-    def for_gpu(cls, spec) -> "Machine":
-        """A card from the catalog (`hardware.GpuSpec`) or a detected one (`hardware.GpuInfo`)."""
+    def for_gpu(cls, spec, count: int = 1) -> "Machine":
+        """``count`` cards from the catalog (`hardware.GpuSpec`) or a detected one (`hardware.GpuInfo`)."""
         total = getattr(spec, "vram_bytes", None) or getattr(spec, "total_bytes", None)
         free = getattr(spec, "free_bytes", None) or total
         name = getattr(spec, "label", None) or getattr(spec, "name", None)
         return cls("cuda", name, tuple(spec.compute_capability) if spec.compute_capability else None, total, free,
-                   here=False)
+                   here=False, gpu_count=count)
 
 
 # ------------------------------------------------------------------ the plan
@@ -144,15 +146,18 @@ class RunPlan:
     attention: str  # sdpa | eager
     gradient_checkpointing: bool
     optimizer: str
-    memory: dict | None = None  # estimate_bytes, breakdown, available_bytes, fits, where
+    memory: dict | None = None  # estimate_bytes (per GPU), breakdown, available_bytes, fits, where, per_gpu
     reasons: dict = field(default_factory=dict)
     # where the LM head and the loss are computed: "labelled" (only positions whose next token is trained;
     # decided once the model is loaded, `batching.labelled_logits_supported`) or "all"
     logits: str = "all"
+    processes: int = 1  # worker processes (one per GPU); batch_size and grad_accum are each one's
+    parallel: str = "single"  # single | ddp | fsdp
+    quant_storage: str | None = None  # FSDP: the dtype 4-bit weights are packed in (bf16 | fp32); None: uint8
 
     @property
     def effective_batch(self) -> int:
-        return self.batch_size * self.grad_accum
+        return self.batch_size * self.grad_accum * self.processes
 
     @property
     def torch_dtype(self):
@@ -176,10 +181,13 @@ class RunPlan:
                f"precision: {self.precision}" + (f" -- {r['precision']}" if r.get("precision") else ""),
                f"base: {self.model} ({self.architecture or 'shape unknown until it loads'}), "
                f"{self.quant.upper() if self.quant != 'none' else '16-bit'}"
-               + (" + double quant" if self.quant != "none" and self.double_quant else ""),
+               + (" + double quant" if self.quant != "none" and self.double_quant else "")
+               + (f", packed in {self.quant_storage} -- {r.get('quant_storage')}" if self.quant_storage else ""),
                f"LoRA: r={self.rank}, alpha={self.alpha}, on {', '.join(self.targets)}"
                + (f" -- {r['lora']}" if r.get("lora") else ""),
-               f"batch: {self.batch_size} x {self.grad_accum} accumulation = {self.effective_batch} per step, "
+               f"batch: {self.batch_size} x {self.grad_accum} accumulation"
+               + (f" x {self.processes} processes" if self.processes > 1 else "")
+               + f" = {self.effective_batch} per step, "
                f"seq {self.max_seq_len}, {self.batching}" + (f" -- {r['batching']}" if r.get("batching") else ""),
                f"attention: {self.attention}" + (f" -- {r['attention']}" if r.get("attention") else ""),
                f"gradient checkpointing: {'on' if self.gradient_checkpointing else 'off'}"
@@ -187,8 +195,16 @@ class RunPlan:
                f"optimizer: {self.optimizer}" + (f" -- {r['optimizer']}" if r.get("optimizer") else ""),
                f"LM head and loss: {'trained positions only' if self.logits == 'labelled' else 'every position'}"
                + (f" -- {r['logits']}" if r.get("logits") else "")]
+        if self.processes > 1 or r.get("processes"):
+            out.insert(1, f"processes: {self.processes}" + (f" ({self.parallel})" if self.processes > 1 else "")
+                       + (f" -- {r['processes']}" if r.get("processes") else "")
+                       + (f"; {r['parallel']}" if r.get("parallel") else ""))
         if mem.get("estimate_bytes"):
-            line = f"memory: estimated peak {mem['estimate_bytes'] / GiB:.2f} GiB"
+            line = f"memory: estimated peak {mem['estimate_bytes'] / GiB:.2f} GiB" + (
+                " per GPU" if self.processes > 1 and self.device == "cuda" else
+                " per process" if self.processes > 1 else "")
+            if mem.get("per_gpu") and len(mem["per_gpu"]) > 1:
+                line += " (" + ", ".join(f"{k} {v / GiB:.2f}" for k, v in mem["per_gpu"].items()) + " GiB)"
             if mem.get("where") == "cpu":
                 line += " (as on a GPU; this run trains in RAM)"
             elif mem.get("available_bytes"):
@@ -340,7 +356,12 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
     plan.gradient_checkpointing, why = _checkpointing(config, plan, architecture, machine)
     if why:
         reasons["gradient_checkpointing"] = why
+    from .parallel import choose_parallel, split_processes
+
+    split_processes(config, machine, plan)
     plan.memory = _memory(plan, architecture, machine)
+    if plan.processes > 1:
+        choose_parallel(config, machine, plan, lambda: _memory(plan, architecture, machine))
     if plan.memory is None:
         reasons["memory"] = "no estimate: the model's shape is not one the estimator knows"
     return plan
@@ -365,12 +386,21 @@ def _memory(plan: RunPlan, arch, machine: Machine) -> dict | None:
         est = _estimate(plan, arch, machine, plan.gradient_checkpointing)
     except ValueError:
         return None
+    per_gpu = {}
+    if plan.processes > 1:  # each process's share (`parallel.per_process`): DDP a replica, FSDP a shard
+        from .parallel import per_process
+
+        modes = ("ddp", "fsdp") if plan.device == "cuda" else ("ddp",)
+        per_gpu = {mode: per_process(est, arch, plan.processes, mode) for mode in modes}
+        est = per_gpu.get(plan.parallel, per_gpu["ddp"])
     out = {"estimate_bytes": est.total_bytes, "breakdown": est.breakdown, "where": plan.device}
+    if per_gpu:
+        out["per_gpu"] = {mode: b.total_bytes for mode, b in per_gpu.items()}
     if plan.device != "cuda":
         return out
     # On a card with finished runs recorded, the estimate is scaled by their measured/estimated ratio.
     summary = calibration_summary(machine.gpu_name) if machine.gpu_name else None
-    if summary:
+    if summary and plan.processes == 1:
         calibrated = _estimate(plan, arch, machine, plan.gradient_checkpointing, calibrated=True)
         out.update(estimate_bytes=calibrated.total_bytes, breakdown=calibrated.breakdown,
                    uncalibrated_bytes=est.total_bytes, calibration=summary)

@@ -69,7 +69,7 @@ def recover_from_oom(run: RunFolder, error: str, retries: int, log) -> dict:
     plan = doc["plan"]
     b, ga = plan["batch_size"], plan["grad_accum"]
     nb, nga = max(1, b // 2), ga * 2 if b > 1 else ga
-    plan.update(batch_size=nb, grad_accum=nga, effective_batch=nb * nga)
+    plan.update(batch_size=nb, grad_accum=nga, effective_batch=nb * nga * plan.get("processes", 1))
     ckpt = run.last_checkpoint()
     recovery = {"step": step, "error": error, "batch_size": [b, nb], "grad_accum": [ga, nga],
                 "resumed_from": ckpt.name if ckpt else None, "time": time.time()}

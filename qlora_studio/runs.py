@@ -196,10 +196,12 @@ def _pid_alive(pid: int | None) -> bool:
 
 
 class RunFolder:
-    """Read and write one run folder."""
+    """Read and write one run folder. ``writer=False``: a run's other processes (ranks 1..N-1 of a
+    multi-process run) read it, and their writes of the run's files do nothing -- rank 0 writes them once."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, writer: bool = True):
         self.path = Path(path)
+        self.writer = writer
 
     # paths
     @property
@@ -224,6 +226,8 @@ class RunFolder:
 
     # config
     def write_config(self, config: dict) -> None:
+        if not self.writer:
+            return
         atomic_write_json(self.path / "config.json", config)
 
     def config(self) -> dict:
@@ -235,6 +239,8 @@ class RunFolder:
 
     # plan
     def write_plan(self, plan: dict) -> None:
+        if not self.writer:
+            return
         atomic_write_json(self.path / "plan.json", plan)
 
     def plan(self) -> dict:
@@ -260,6 +266,8 @@ class RunFolder:
             status["pid"] = os.getpid()
             status["host"] = socket.gethostname()
             status.pop("error", None)
+        if not self.writer:
+            return status
         try:
             atomic_write_json(self.path / "status.json", status)
         except OSError as e:  # a full disk: give up the folder's reserve so the status can still be written
@@ -292,6 +300,8 @@ class RunFolder:
 
     # metrics
     def append_metrics(self, record: dict) -> None:
+        if not self.writer:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=_json_number) + "\n")
             f.flush()
@@ -302,6 +312,8 @@ class RunFolder:
 
     # summary
     def write_summary(self, summary: dict) -> None:
+        if not self.writer:
+            return
         atomic_write_json(self.path / "summary.json", summary)
 
     def summary(self) -> dict:

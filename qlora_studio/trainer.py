@@ -40,9 +40,12 @@ def load_init_adapter(model, path: str, log) -> None:
 
 
 def run_log(run: RunFolder, echo: bool):
+    """train.log's writer (and the terminal's, with ``echo``); a run's other processes log nothing."""
     path = run.path / "train.log"
 
     def log(msg: str) -> None:
+        if not run.writer:
+            return
         line = f"{time.strftime('%H:%M:%S')} {msg}"
         try:
             with open(path, "a", encoding="utf-8") as f:
@@ -69,8 +72,9 @@ def _prepare_data(run: RunFolder, cfg: TrainConfig, tokenizer, stored: dict, log
         f"{rep.truncated} truncated at {cfg.max_seq_len}, train {len(data.train)}, eval {len(data.eval) if data.eval else 0}")
     for issue in rep.errors[:20]:
         log("  skipped " + issue.format(rep.path))
-    atomic_write_json(run.path / "data_report.json", rep.to_dict())
-    record_heldout(run, cfg, data)  # the rows task evaluation and the golden prompts may use
+    if run.writer:
+        atomic_write_json(run.path / "data_report.json", rep.to_dict())
+        record_heldout(run, cfg, data)  # the rows task evaluation and the golden prompts may use
     for finding in data_findings(rep.to_dict(), stored):
         log_finding(log, finding)
     return data
@@ -107,7 +111,9 @@ def _fit_plan_to_model(run: RunFolder, cfg: TrainConfig, plan: RunPlan, model, s
             setattr(plan, key, getattr(replanned, key))
         plan.reasons["lora"] = replanned.reasons.get("lora", "as configured") + " (from the loaded model's layers)"
     checks = {}
-    if plan.batching == "packed":
+    if plan.batching == "packed" and plan.parallel == "fsdp":  # as configured: no process holds the whole model
+        checks["packing"] = "not checked under FSDP (packed as configured)"
+    elif plan.batching == "packed":
         ok, why = packing_respected(model)
         checks["packing"] = why
         if not ok:
@@ -140,7 +146,15 @@ def _training_args(run: RunFolder, cfg: TrainConfig, plan: RunPlan, schedule: di
                    own_rotation: bool = False):
     from transformers import TrainingArguments
 
+    from .parallel import fsdp_options
+
+    several = {}
+    if plan.processes > 1:  # the Trainer's own DDP / FSDP2 (through accelerate); every adapter weight is used
+        several = {"ddp_find_unused_parameters": False}
+        if plan.parallel == "fsdp":
+            several.update(fsdp=True, fsdp_config=fsdp_options(plan))
     return TrainingArguments(
+        **several,
         output_dir=str(run.checkpoints_dir),
         per_device_train_batch_size=plan.batch_size,
         per_device_eval_batch_size=plan.batch_size,
@@ -195,7 +209,7 @@ def _collator(plan: RunPlan, tokenizer, model):
 def _add_adapters(model, cfg: TrainConfig, plan: RunPlan, resume: bool, log):
     from peft import LoraConfig, get_peft_model
 
-    if plan.gradient_checkpointing:
+    if plan.gradient_checkpointing and plan.parallel != "fsdp":  # FSDP checkpoints its own layers (`fsdp_options`)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
         model.enable_input_require_grads()
@@ -207,19 +221,21 @@ def _add_adapters(model, cfg: TrainConfig, plan: RunPlan, resume: bool, log):
 
 
 def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.Event, resume: bool, log,
-          extra_callbacks: list) -> dict:
-    """One attempt at the run in ``run`` (its plan in plan.json); returns the final status."""
+          extra_callbacks: list, world=None) -> dict:
+    """One attempt at the run in ``run`` (its plan in plan.json); returns the final status. ``world``: this
+    process's place among the run's processes (`world.World`; None: the only one)."""
     import torch
     from transformers import PrinterCallback, set_seed
 
     from .batching import studio_trainer_class
     from .compat import keep_4bit_weights_trainable
     from .diagnose import Diagnoser, settings_view
-    from .golden import golden_callback, truncate_samples_after
+    from .golden import golden_callback
     from .loading import count_parameters, load_plan_model, load_tokenizer
     from .models import resolve_model
-    from .recovery import truncate_metrics_after
+    from .world import World
 
+    world = world or World()
     set_seed(cfg.seed)
     machine = Machine.detect(cfg.device)
     doc = run.plan()
@@ -249,8 +265,11 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
 
     diagnoser = Diagnoser(settings_view(stored, run.plan()))
     eval_batches = math.ceil(len(data.eval) / plan.batch_size) if data.eval is not None else None
-    callback = callback_class()(run, stop_event, plan.device, log, diagnoser, eval_batches=eval_batches)
-    golden = golden_callback(run, cfg, tokenizer, data, plan, log) if data.eval is not None else None
+    callback = callback_class()(run, stop_event, plan.device, log, diagnoser, eval_batches=eval_batches, world=world)
+    # Golden prompts are answered by rank 0 alone (a DDP replica generates without the others); a sharded
+    # model cannot generate from one process, so FSDP runs have none (the plan says so).
+    answers = data.eval is not None and world.main and plan.parallel != "fsdp"
+    golden = golden_callback(run, cfg, tokenizer, data, plan, log) if answers else None
     args = _training_args(run, cfg, plan, schedule, data.eval is not None, own_rotation=bool(golden and golden.prunes))
     trainer = studio_trainer_class()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                                      data_collator=_collator(plan, tokenizer, model), processing_class=tokenizer,
@@ -258,16 +277,7 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
     trainer.packed = plan.batching == "packed"
     trainer.labelled_logits = plan.logits == "labelled"
     trainer.remove_callback(PrinterCallback)  # our callback logs; the printer would echo raw dicts
-    resume_from = None
-    if resume:
-        ckpt = run.last_checkpoint()
-        if ckpt is None:
-            raise TrainingError(f"{run.path}: no checkpoint to resume from")
-        truncate_metrics_after(run, checkpoint_step(ckpt))
-        truncate_samples_after(run, checkpoint_step(ckpt))
-        resume_from = str(ckpt)
-        log(f"resuming from {ckpt.name}")
-        diagnoser.add_all(run.metrics())  # the detectors see the history they continue (findings already logged)
+    resume_from = _resume_point(run, world, diagnoser, log) if resume else None
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     total_steps = schedule["total_steps"]
@@ -281,7 +291,25 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
         log("no steps left to train: evaluating the starting adapter and keeping it")
         result_metrics = {}
         trainer.state.global_step = 0
-    return _finish(run, plan, trainer, callback, data, result_metrics, bool(resume_from), log, golden)
+    return _finish(run, plan, trainer, callback, data, result_metrics, bool(resume_from), log, golden, world)
+
+
+def _resume_point(run: RunFolder, world, diagnoser, log) -> str:
+    """The checkpoint a resumed attempt continues from; the metrics and samples logged after it are dropped
+    (by rank 0, before any process reads them again)."""
+    from .golden import truncate_samples_after
+    from .recovery import truncate_metrics_after
+
+    ckpt = run.last_checkpoint()
+    if ckpt is None:
+        raise TrainingError(f"{run.path}: no checkpoint to resume from")
+    if run.writer:
+        truncate_metrics_after(run, checkpoint_step(ckpt))
+        truncate_samples_after(run, checkpoint_step(ckpt))
+    world.barrier()  # every process reads the history as rank 0 left it
+    log(f"resuming from {ckpt.name}")
+    diagnoser.add_all(run.metrics())  # the detectors see the history they continue (findings already logged)
+    return str(ckpt)
 
 
 def _stopped_during_evaluation(trainer, callback, log) -> dict:
@@ -300,16 +328,18 @@ def _stopped_during_evaluation(trainer, callback, log) -> dict:
 
 
 def _finish(run: RunFolder, plan: RunPlan, trainer, callback, data, result_metrics: dict, resumed: bool, log,
-            golden=None) -> dict:
+            golden=None, world=None) -> dict:
     """After training: the rollback of a NaN run, or the adapter, the final evaluation (with the golden
-    prompts' last answers) and summary.json (``best``: the best step, by the task metric when there is one)."""
+    prompts' last answers) and summary.json (``best``: the best step, by the task metric when there is one).
+    Every process of a multi-process run comes here at the same step and takes the same branches; only
+    rank 0 (``run.writer``) writes."""
     from .golden import best_summary
     from .recovery import roll_back_nonfinite
 
     step = trainer.state.global_step
     total_steps = (run.plan().get("schedule") or {}).get("total_steps")
     if callback.nonfinite is not None:
-        good = roll_back_nonfinite(run, callback.nonfinite, log)
+        good = roll_back_nonfinite(run, callback.nonfinite, log) if run.writer else None
         f = callback.nonfinite
         run.write_summary({"global_step": step, "total_steps": total_steps, "device": plan.device,
                            "peak_memory": peak_memory_mb(plan.device), "nonfinite_step": f.step,
@@ -325,17 +355,26 @@ def _finish(run: RunFolder, plan: RunPlan, trainer, callback, data, result_metri
             error_kind="disk_full", finished_at=time.time(), phase="failed", step=step,
             last_checkpoint=ckpt.name if ckpt else None)
 
-    trainer.model.save_pretrained(str(run.adapter))
-    trainer.processing_class.save_pretrained(str(run.adapter))
+    replicas = _replicas(trainer, plan, world) if world is not None and world.multi else None
+    if plan.parallel == "fsdp":
+        trainer.save_model(str(run.adapter))  # gathers the shards (every process); rank 0 writes
+    elif run.writer:
+        trainer.model.save_pretrained(str(run.adapter))
+        trainer.processing_class.save_pretrained(str(run.adapter))
     final_eval = {}
     if data.eval is not None:
         records, _ = read_metrics_from(run.metrics_path)
         evals = [r for r in records if r.get("type") == "eval"]
-        if (not evals or evals[-1]["step"] != step) and not callback.stopped:
+        # Several processes evaluate together: each decides from what it saw, never from a file rank 0 writes.
+        last_eval = callback.last_eval_step if replicas is not None else (evals[-1]["step"] if evals else None)
+        if last_eval != step and not callback.stopped:
             run.set_status("running", phase="final evaluation", eval_done=None, eval_total=None)
             final_eval = trainer.evaluate()  # a stopped run reports its last evaluation instead: stopping stays quick
         elif evals:
             final_eval = {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
+    state = "stopped" if callback.stopped else "completed"
+    if not run.writer:
+        return {"state": state, "step": step}
     records, _ = read_metrics_from(run.metrics_path)
     train_losses = [r["loss"] for r in records if r.get("type") == "train"]
     tokens = trainer.state.num_input_tokens_seen
@@ -350,7 +389,9 @@ def _finish(run: RunFolder, plan: RunPlan, trainer, callback, data, result_metri
     if plan.device == "cuda":
         import torch
 
-        summary["gpu_total_mb"] = torch.cuda.get_device_properties(0).total_memory / 2**20
+        summary["gpu_total_mb"] = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**20
+    if replicas is not None:
+        summary["processes"] = replicas
     summary["memory_estimate"] = _estimate_vs_measured(run, plan, summary["peak_memory"], log)
     if golden is not None:
         summary["golden"] = golden.summary()
@@ -358,11 +399,24 @@ def _finish(run: RunFolder, plan: RunPlan, trainer, callback, data, result_metri
     if summary["best"]:
         log(f"best step {summary['best']['step']}: {summary['best']['why']}")
     run.write_summary(summary)
-    state = "stopped" if callback.stopped else "completed"
     final = summary["final_loss"]
     log(f"{state} at step {step}: final loss {f'{final:.4g}' if isinstance(final, (int, float)) else '-'}, "
         f"{summary['tokens_per_s'] or 0:.0f} non-pad tokens/s; adapter in {run.adapter}")
     return run.set_status(state, finished_at=time.time(), phase=state, step=step)
+
+
+def _replicas(trainer, plan: RunPlan, world) -> dict:
+    """What each process ended with: its peak memory and, under DDP, the digest of its adapter weights (the
+    replicas must be identical: DDP averaged the same gradients into each)."""
+    from .world import adapter_digest
+
+    mine = {"rank": world.rank, "peak_memory": peak_memory_mb(plan.device)}
+    if plan.parallel == "ddp":
+        mine["adapter_sha256"] = adapter_digest(trainer.model)
+    ranks = world.gather(mine)
+    digests = [r.get("adapter_sha256") for r in ranks]
+    return {"count": world.size, "parallel": plan.parallel, "ranks": ranks,
+            "adapters_identical": len(set(digests)) == 1 if plan.parallel == "ddp" else None}
 
 
 def _estimate_vs_measured(run: RunFolder, plan: RunPlan, peak: dict, log) -> dict | None:

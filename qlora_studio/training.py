@@ -100,7 +100,7 @@ def run_training(run: RunFolder, stop_event: threading.Event | None = None, resu
     ``extra_callbacks``: more `TrainerCallback`s for the Trainer (tests inject faults with them).
     """
     from .compat import import_training_stack
-    from .recovery import is_oom, last_logged_step, recover_from_oom, release_memory
+    from .recovery import recover_from_oom, release_memory
     from .trainer import run_log, train
 
     import_training_stack()
@@ -117,16 +117,8 @@ def run_training(run: RunFolder, stop_event: threading.Event | None = None, resu
             run.set_status("running", phase="loading model", device=device, clock_start=clock_start)
             return train(run, cfg, stored, stop_event, resume, log, list(extra_callbacks or []))
         except Exception as e:  # recorded, not raised: the app and other runs must survive it
-            oom, full = is_oom(e), is_disk_full(e)
-            msg = f"{type(e).__name__}: {e}" if not isinstance(e, StudioError) else str(e)
-            kind = "oom" if oom else "disk_full" if full else type(e).__name__
-            if full:
-                torn = run.remove_torn_checkpoints()  # half-written, useless, and holding space
-                msg = (f"disk full while {run.status().get('phase') or 'training'} in {run.path}"
-                       + (f" (removed the half-written {', '.join(torn)})" if torn else "")
-                       + f"; free some space, then resume from the last checkpoint. ({msg})")
-            log(("OUT OF MEMORY: " if oom else "FAILED: ") + msg)
-            log(traceback.format_exc())
+            msg, kind = describe_failure(run, e, log)
+            oom = kind == "oom"
             phase = run.status().get("phase")
         release_memory(device)  # outside the except block: the traceback is gone
         batch = (run.plan().get("plan") or {}).get("batch_size", 1)
@@ -136,10 +128,35 @@ def run_training(run: RunFolder, stop_event: threading.Event | None = None, resu
             if oom and cfg is not None and batch == 1 and phase == "training":
                 log("out of memory with a micro-batch of 1: no automatic recovery left; see the fixes "
                     "(`qlora-studio diagnose`)")
-            ckpt = run.last_checkpoint()
-            done = last_logged_step(run)
-            return run.set_status("failed", error=msg, error_kind=kind, finished_at=time.time(), phase="failed",
-                                  step=done, error_step=done + 1 if phase == "training" else 0,
-                                  last_checkpoint=ckpt.name if ckpt else None)
+            return record_failure(run, msg, kind, phase)
         recovered += 1
         resume = recover_from_oom(run, msg, cfg.oom_retries, log)["resumed_from"] is not None
+
+
+def describe_failure(run: RunFolder, e: BaseException, log) -> tuple[str, str]:
+    """(message, kind) of an attempt's exception -- kind "oom", "disk_full" or the exception's type -- logged
+    with its traceback (call it from the ``except`` block)."""
+    from .recovery import is_oom
+
+    oom, full = is_oom(e), is_disk_full(e)
+    msg = f"{type(e).__name__}: {e}" if not isinstance(e, StudioError) else str(e)
+    kind = "oom" if oom else "disk_full" if full else type(e).__name__
+    if full:
+        torn = run.remove_torn_checkpoints() if run.writer else []  # half-written, useless, and holding space
+        msg = (f"disk full while {run.status().get('phase') or 'training'} in {run.path}"
+               + (f" (removed the half-written {', '.join(torn)})" if torn else "")
+               + f"; free some space, then resume from the last checkpoint. ({msg})")
+    log(("OUT OF MEMORY: " if oom else "FAILED: ") + msg)
+    log(traceback.format_exc())
+    return msg, kind
+
+
+def record_failure(run: RunFolder, msg: str, kind: str, phase: str | None, **more) -> dict:
+    """status.json of a failed run: the error, the last step it logged and the checkpoint it resumes from."""
+    from .recovery import last_logged_step
+
+    ckpt = run.last_checkpoint()
+    done = last_logged_step(run)
+    return run.set_status("failed", error=msg, error_kind=kind, finished_at=time.time(), phase="failed", step=done,
+                          error_step=done + 1 if phase == "training" else 0,
+                          last_checkpoint=ckpt.name if ckpt else None, **more)

@@ -29,9 +29,23 @@ from .live_html import (PLOT_EVERY_CPU_S, PLOT_EVERY_S, POLL_CPU_S, POLL_SECONDS
                         progress_html, samples_html, _trains_on_cpu)
 
 DEFAULT_PRESET = "cpu-demo"
+
+
+def form_groups(gpu_count: int) -> tuple[str, ...]:
+    """The setting groups the form shows: the processes (and how they share the work) only where more than one
+    GPU is detected."""
+    return ("model", "lora", "schedule", "batch", "speed") + (("parallel",) if gpu_count > 1 else ())
+
+
+def _gpu_count() -> int:
+    from ..hardware import detect_gpus
+
+    return len(detect_gpus())
+
+
 # The settings the form shows under "advanced", in declaration order (`config.SETTINGS`); the data file and
 # the run name have their own boxes at the top.
-FORM_GROUPS = ("model", "lora", "schedule", "batch", "speed")
+FORM_GROUPS = form_groups(_gpu_count())
 FORM_SETTINGS = [s for s in SETTINGS if s.group in FORM_GROUPS and s.name != "data"]
 WIDE_SETTINGS = {"model", "system_prompt"}  # a model id or a sentence needs more than a quarter of the form
 
