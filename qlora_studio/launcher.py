@@ -49,7 +49,10 @@ def _end_workers() -> None:
 def _attempt(run: RunFolder, processes: int, stop_event: threading.Event, resume: bool, echo: bool) -> int:
     """One launch of the workers; their exit code."""
     (run.path / STOP_FILE).unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{LAUNCHER_ENV: str(os.getpid())})
+    # the workers import the same qlora_studio as this process (a checkout run without installing it, too)
+    here = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join([here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **{LAUNCHER_ENV: str(os.getpid())})
     with open(run.path / WORKERS_LOG, "a", encoding="utf-8") as out:
         out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {processes} processes"
                   f"{' (resuming)' if resume else ''}\n")
