@@ -378,7 +378,7 @@ def _precision_reason(device: str, cc, precision: str) -> str:
 
 
 def _memory(plan: RunPlan, arch, machine: Machine) -> dict | None:
-    from .estimator import HEADROOM, calibration_summary
+    from .estimator import HEADROOM, calibration_summary, fits
 
     if arch is None:
         return None
@@ -406,7 +406,7 @@ def _memory(plan: RunPlan, arch, machine: Machine) -> dict | None:
                    uncalibrated_bytes=est.total_bytes, calibration=summary)
     available = machine.gpu_free_bytes or machine.gpu_total_bytes
     out.update(available_bytes=available, headroom=HEADROOM,
-               fits=bool(available) and out["estimate_bytes"] * (1 + HEADROOM) <= available)
+               fits=bool(available) and fits(out["estimate_bytes"], available))
     return out
 
 

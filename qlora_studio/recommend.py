@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from .catalog import CATALOG, GATED_NOTE, Architecture
-from .estimator import HEADROOM, GiB, MemoryBreakdown, _gib, calibration_summary, estimate
+from .estimator import HEADROOM, GiB, fits, MemoryBreakdown, _gib, calibration_summary, estimate
 
 
 @dataclass
@@ -109,10 +109,6 @@ def _recommendable(prefer_open: bool = True) -> list[Architecture]:
     return [a for a in by_size if not a.gated] + [a for a in by_size if a.gated]
 
 
-def _fits(total: int, usable: int, headroom: float) -> bool:
-    return total * (1 + headroom) <= usable
-
-
 def recommend(
     gpu_or_vram_bytes,
     *,
@@ -180,7 +176,7 @@ def recommend(
     chosen = None
     for arch in _recommendable(prefer_open):
         est = estimate(arch, batch=1, **base)
-        if _fits(est.total_bytes, usable, headroom):
+        if fits(est.total_bytes, usable, headroom):
             chosen = arch
             break
     if chosen is None:
@@ -191,20 +187,20 @@ def recommend(
     batch, est = 1, estimate(chosen, batch=1, **base)
     for b in (2, 4, 8):
         candidate = estimate(chosen, batch=b, **base)
-        if not _fits(candidate.total_bytes, usable, headroom):
+        if not fits(candidate.total_bytes, usable, headroom):
             break
         batch, est = b, candidate
     plan.model, plan.params, plan.batch, plan.estimate = chosen.name, chosen.total_params, batch, est
     plan.hub_id, plan.licence, plan.gated = chosen.instruct_id or chosen.name, chosen.licence, chosen.gated
     if not chosen.gated:
         larger = next((a for a in _recommendable(prefer_open=False) if a.gated and a.total_params > chosen.total_params
-                       and _fits(estimate(a, batch=1, **base).total_bytes, usable, headroom)), None)
+                       and fits(estimate(a, batch=1, **base).total_bytes, usable, headroom)), None)
         if larger is not None:
             plan.notes.append(f"{larger.name} ({larger.total_params / 1e9:.2f}B, {larger.instruct_id}) also fits; "
                               f"{GATED_NOTE}")
     plan.grad_accum = max(1, effective_batch // batch)
     no_ckpt = estimate(chosen, batch=batch, **{**base, "grad_checkpointing": False})
-    if _fits(no_ckpt.total_bytes, usable, headroom):
+    if fits(no_ckpt.total_bytes, usable, headroom):
         plan.notes.append(f"it also fits without gradient checkpointing ({_gib(no_ckpt.total_bytes)}), "
                           "which trains about a third faster")
     plan.notes.append("NF4 is the default; if the loss spikes or turns NaN with NF4, FP4 is the fallback "
@@ -220,7 +216,7 @@ def _what_to_change(usable: int, total: int, seq: int, headroom: float, base: di
            f"(+{headroom:.0%} headroom = {_gib(int(need * (1 + headroom)))}); this card offers {_gib(usable)}")
     out = []
     for shorter in (1024, 512, 256, 128):
-        if shorter < seq and _fits(estimate(smallest, batch=1, **{**base, "seq": shorter}).total_bytes, usable, headroom):
+        if shorter < seq and fits(estimate(smallest, batch=1, **{**base, "seq": shorter}).total_bytes, usable, headroom):
             out.append(f"shorten sequences to {shorter} tokens: {smallest.name} then fits")
             break
     if usable < total:

@@ -7,7 +7,7 @@ import time
 import gradio as gr
 
 from ..catalog import CATALOG, catalog_names
-from ..estimator import BREAKDOWN_KEYS, HEADROOM, estimate
+from ..estimator import BREAKDOWN_KEYS, HEADROOM, estimate, fits
 from ..recommend import recommend
 from ..hardware import CPU_STATEMENT, GPU_CATALOG, describe_machine
 from ..models import EMBEDDED_ARCH
@@ -104,7 +104,7 @@ def fit_of(card_label, model_name, quant, rank, batch, seq, targets, checkpointi
     est = estimate(_arch(model_name), quant=quant, double_quant=True, rank=int(rank), targets=targets,
                    batch=int(batch), seq=int(seq), grad_checkpointing=bool(checkpointing),
                    compute_dtype=_compute_dtype(card))
-    verdict = "fits" if est.total_bytes * (1 + HEADROOM) <= usable else "tight" if est.total_bytes <= usable else "no"
+    verdict = "fits" if fits(est.total_bytes, usable) else "tight" if fits(est.total_bytes, usable, 0.0) else "no"
     return est, total, usable, name, verdict
 
 
