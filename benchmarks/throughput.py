@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                          # CPU: embedded model, the reference, ours, each lever
     python benchmarks/throughput.py --only reference ours    # just the two
     python benchmarks/throughput.py --data alpaca --only "ours, LM head everywhere" ours   # prompts masked
+    python benchmarks/throughput.py --busy --only "ours, threads fixed" ours   # beside a busy process
     python benchmarks/throughput.py --from-config qwen2.5-0.5b --examples 512   # a model built from its config
                                                                                # (random weights; for CUDA)
 
@@ -52,6 +53,8 @@ CONFIGS = {
     "+ no gradient checkpointing": ("ours", dict(BASE_OURS, gradient_checkpointing=False)),
     "+ LM head at trained positions": ("ours", dict(BASE_OURS, logits="labelled")),  # --data alpaca: prompts masked
     "ours, LM head everywhere": ("ours", {"logits": "all"}),
+    "ours, threads fixed": ("ours", {"cpu_threads": os.cpu_count()}),  # --busy: against the adaptive count
+    "ours, batch counts sequences": ("ours", {"batch_unit": "sequences"}),  # the peers' bigger packed steps
     "ours": ("ours", {}),  # as shipped: every setting automatic
 }
 
@@ -206,6 +209,9 @@ def main() -> int:
     p.add_argument("--from-config", help="a catalog architecture (e.g. qwen2.5-0.5b) built with random weights")
     p.add_argument("--data", choices=["text", "alpaca"], default="text",
                    help="text: every token trained; alpaca: instructions masked, only the outputs trained")
+    p.add_argument("--busy", action="store_true", help="run a busy process (one core) beside each configuration")
+    p.add_argument("--repeats", type=int, default=1, help="run the configurations this many times, the order "
+                   "reversed every other time")
     p.add_argument("--only", nargs="+", help=f"configurations to run: {', '.join(CONFIGS)} (or reference / ours)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -228,24 +234,34 @@ def main() -> int:
           f"{shape['words_median']}, 90th percentile {shape['words_p90']}, max {shape['words_max']}), "
           f"batch {a.batch_size}, sequence length {a.max_seq_len}, {a.warmup} warm-up steps left out", flush=True)
     results = {}
-    for name in names:
+    order = [n for k in range(a.repeats) for n in (names if k % 2 == 0 else names[::-1])]
+    for name in order:
         side, overrides = CONFIGS[name]
         spec = {"side": side, "data": str(data), "model": str(model), "overrides": overrides}
         cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--batch-size", str(a.batch_size),
                "--max-seq-len", str(a.max_seq_len), "--warmup", str(a.warmup), "--data", a.data]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if a.busy else None
+        start_load = os.getloadavg()[0]
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
             return 1
         r = results[name] = json.loads(line[len("RESULT "):])
+        r["load"] = (start_load, os.getloadavg()[0])
         ref = results.get("reference")
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         speed = r.get("speed") or {}
         how = (f"  [{speed.get('attention')}, checkpointing {'on' if speed.get('gradient_checkpointing') else 'off'}, "
                f"{'packed' if speed.get('packing') else speed.get('batching', 'padded')}]") if speed else ""
         print(f"{name:30s} {r['tokens_per_s']:7.1f} non-pad tokens/s  {ratio:>6s}   ({r['tokens']} tokens, "
-              f"{r['steps']} steps, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}){how}", flush=True)
+              f"{r['steps']} steps, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}){how}  load "
+              f"{r['load'][0]:.2f} -> {r['load'][1]:.2f}", flush=True)
     totals = {r["tokens"] for r in results.values()}
     if len(totals) > 1:
         print(f"warning: the configurations saw different token totals {sorted(totals)}", flush=True)

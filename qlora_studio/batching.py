@@ -2,10 +2,50 @@
 
 `packing_respected` checks, on the loaded model, that its attention keeps packed examples apart;
 `PackedBatches` collates; `StudioTrainer` takes the packed batch's attention mask out before the model
-sees it. `benchmarks/throughput.py` measures packing against padded and length-grouped batches.
+sees it. `pack_sequences` packs the whole data set into sequences beforehand, when the batch size counts
+sequences (``batch_unit: sequences``). `benchmarks/throughput.py` measures packing against padded and
+length-grouped batches.
 """
 
 from __future__ import annotations
+
+
+def first_fit(lengths: list[int], cap: int) -> tuple[list[list[int]], int]:
+    """Indices placed in bins of at most ``cap`` (an item longer than ``cap`` gets a bin of its own),
+    longest first, each into the first bin it fits; the bins and the fullest bin's load."""
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, load in enumerate(loads):
+            if load + lengths[i] <= cap:
+                bins[b].append(i)
+                loads[b] += lengths[i]
+                break
+        else:
+            bins.append([i])
+            loads.append(lengths[i])
+    return [sorted(b) for b in bins], max(loads)
+
+
+def pack_sequences(dataset, max_seq_len: int):
+    """The examples of ``dataset`` packed into sequences of at most ``max_seq_len`` tokens (first-fit,
+    longest first; an example is never split), for ``batch_unit: sequences``. Each sequence's
+    ``position_ids`` restart at every example, and the first token of each example has no label, so the
+    examples stay apart exactly as in a packed batch. ``examples`` counts the examples in each."""
+    from datasets import Dataset
+
+    ids, labels = dataset["input_ids"], dataset["labels"]
+    bins, _ = first_fit([len(x) for x in ids], max_seq_len)
+    rows = []
+    for b in bins:
+        row = {"input_ids": [], "labels": [], "position_ids": [], "examples": len(b)}
+        for i in b:
+            row["input_ids"] += ids[i]
+            row["labels"] += [-100] + list(labels[i][1:])
+            row["position_ids"] += range(len(ids[i]))
+        row["attention_mask"] = [1] * len(row["input_ids"])
+        rows.append(row)
+    return Dataset.from_list(rows)
 
 
 class PackedBatches:
@@ -27,26 +67,11 @@ class PackedBatches:
         self.pad_id = pad_id
         self.attention_span = attention_span
 
-    @staticmethod
-    def _first_fit(lengths: list[int], cap: int) -> tuple[list[list[int]], int]:
-        bins: list[list[int]] = []
-        loads: list[int] = []
-        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            for b, load in enumerate(loads):
-                if load + lengths[i] <= cap:
-                    bins[b].append(i)
-                    loads[b] += lengths[i]
-                    break
-            else:
-                bins.append([i])
-                loads.append(lengths[i])
-        return [sorted(b) for b in bins], max(loads)
-
     def rows(self, lengths: list[int]) -> list[list[int]]:
         total, cap = sum(lengths), max(lengths)
         best = None
         while True:
-            bins, width = self._first_fit(lengths, cap)
+            bins, width = first_fit(lengths, cap)
             cost = len(bins) * width * (1 + width / self.attention_span)
             if best is None or cost < best[0]:
                 best = (cost, bins)
@@ -68,7 +93,7 @@ class PackedBatches:
                 y = list(features[i].get("labels", x))
                 ids += x
                 labels += [-100] + y[1:]
-                pos += range(len(x))
+                pos += features[i].get("position_ids") or range(len(x))  # a packed sequence (`pack_sequences`) keeps its own
                 real += [1] * len(x)
             fill = width - len(ids)
             ids += [self.pad_id] * fill

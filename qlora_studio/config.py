@@ -110,6 +110,10 @@ class TrainConfig:
     # -- batching
     batch_size: int = setting(4, "examples per forward pass (micro-batch)", "int", minimum=1, group="batch")
     grad_accum: int = setting(1, "micro-batches per optimizer step", "int", minimum=1, group="batch")
+    batch_unit: str = setting(
+        "examples", "what the batch size counts: examples, or sequences of max_seq_len tokens filled with whole "
+        "examples (bigger steps and fewer of them, as TRL's and LLaMA-Factory's packing do)", "choice",
+        choices=("examples", "sequences"), group="batch")
     max_seq_len: int = setting(512, "tokens per example; longer ones are cut", "int", minimum=1, group="batch")
     eval_fraction: float = setting(0.1, "share of the data held out for evaluation", "float", minimum=0, maximum=1,
                                    below=True, group="batch")
@@ -145,6 +149,9 @@ class TrainConfig:
         None, "where the LM head and the loss are computed: labelled (only positions whose next token is trained; "
         "the same loss) or all", "choice", choices=("labelled", "all"), auto=True,
         auto_help="labelled where the model takes a mask of positions", group="speed")
+    cpu_threads: int | None = setting(
+        None, "torch threads when training on the CPU", "int", auto=True, minimum=1, maximum=1024,
+        auto_help="one per core that other processes leave free, checked between steps", group="speed")
     optimizer: str | None = setting(None, "optimizer", "choice",
                                     choices=("paged_adamw_8bit", "adamw_8bit", "adamw_torch"), auto=True,
                                     auto_help="paged_adamw_8bit on a GPU, adamw_torch on the CPU", group="speed")

@@ -151,6 +151,11 @@ class RunPlan:
     # where the LM head and the loss are computed: "labelled" (only positions whose next token is trained;
     # decided once the model is loaded, `batching.labelled_logits_supported`) or "all"
     logits: str = "all"
+    # torch threads on the CPU: a number as configured, or None: one per core other processes leave free,
+    # checked between steps (`cpu_share`)
+    cpu_threads: int | None = None
+    # what batch_size counts: "examples", or "sequences" of max_seq_len tokens packed with whole examples
+    batch_unit: str = "examples"
     processes: int = 1  # worker processes (one per GPU); batch_size and grad_accum are each one's
     parallel: str = "single"  # single | ddp | fsdp
     quant_storage: str | None = None  # FSDP: the dtype 4-bit weights are packed in (bf16 | fp32); None: uint8
@@ -158,6 +163,10 @@ class RunPlan:
     @property
     def effective_batch(self) -> int:
         return self.batch_size * self.grad_accum * self.processes
+
+    @property
+    def sequences(self) -> bool:
+        return self.batch_unit == "sequences"
 
     @property
     def torch_dtype(self):
@@ -187,7 +196,7 @@ class RunPlan:
                + (f" -- {r['lora']}" if r.get("lora") else ""),
                f"batch: {self.batch_size} x {self.grad_accum} accumulation"
                + (f" x {self.processes} processes" if self.processes > 1 else "")
-               + f" = {self.effective_batch} per step, "
+               + f" = {self.effective_batch} {'sequences' if self.sequences else 'examples'} per step, "
                f"seq {self.max_seq_len}, {self.batching}" + (f" -- {r['batching']}" if r.get("batching") else ""),
                f"attention: {self.attention}" + (f" -- {r['attention']}" if r.get("attention") else ""),
                f"gradient checkpointing: {'on' if self.gradient_checkpointing else 'off'}"
@@ -195,6 +204,11 @@ class RunPlan:
                f"optimizer: {self.optimizer}" + (f" -- {r['optimizer']}" if r.get("optimizer") else ""),
                f"LM head and loss: {'trained positions only' if self.logits == 'labelled' else 'every position'}"
                + (f" -- {r['logits']}" if r.get("logits") else "")]
+        if self.sequences:
+            out.insert(5, f"batch unit: sequences -- {r.get('batch_unit', '')}")
+        if self.device == "cpu":
+            out.append(f"CPU threads: {self.cpu_threads or 'adaptive'}"
+                       + (f" -- {r['cpu_threads']}" if r.get("cpu_threads") else ""))
         if self.processes > 1 or r.get("processes"):
             out.insert(1, f"processes: {self.processes}" + (f" ({self.parallel})" if self.processes > 1 else "")
                        + (f" -- {r['processes']}" if r.get("processes") else "")
@@ -347,12 +361,23 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
     if config.logits is None:
         reasons["logits"] = ("only at trained positions (prompt and padding skipped; the same loss), where the "
                              "model takes a mask of positions (checked when it loads)")
+    if config.batch_unit == "sequences":
+        tokens = config.batch_size * config.grad_accum * config.max_seq_len
+        reasons["batch_unit"] = (f"each step carries up to {tokens:,} tokens of whole examples packed into "
+                                 f"{config.batch_size * config.grad_accum} sequences of {config.max_seq_len}, so "
+                                 "more examples per step and fewer steps than counting examples; the learning rate "
+                                 f"stays {config.learning_rate:g} (not scaled up for the bigger steps). How many "
+                                 "examples a step holds is known once the data is tokenized")
+    if device == "cpu" and config.cpu_threads is None:
+        reasons["cpu_threads"] = ("one per core that other processes leave free, checked between steps (two threads "
+                                  "beside a busy process ran ~10x slower)")
     plan = RunPlan(model=config.model, architecture=architecture.name if architecture is not None else None,
                    model_params=params, device=device, machine=machine.label, precision=precision, quant=config.quant,
                    double_quant=config.double_quant, rank=rank, alpha=alpha, targets=targets,
                    lora_dropout=config.lora_dropout, batch_size=config.batch_size, grad_accum=config.grad_accum,
                    max_seq_len=config.max_seq_len, batching=batching, attention=attention,
-                   gradient_checkpointing=True, optimizer=optimizer, reasons=reasons, logits=logits)
+                   gradient_checkpointing=True, optimizer=optimizer, reasons=reasons, logits=logits,
+                   cpu_threads=config.cpu_threads, batch_unit=config.batch_unit)
     plan.gradient_checkpointing, why = _checkpointing(config, plan, architecture, machine)
     if why:
         reasons["gradient_checkpointing"] = why

@@ -12,6 +12,7 @@ import math
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .callback import StopDuringEvaluation, callback_class, log_finding, peak_memory_mb
@@ -120,6 +121,10 @@ def _fit_plan_to_model(run: RunFolder, cfg: TrainConfig, plan: RunPlan, model, s
             plan.batching = "grouped"
             plan.reasons["batching"] = "padded batches grouped by length: " + why
             adjustments.append("batching packed -> grouped: " + why)
+    if plan.sequences and plan.batching != "packed":
+        plan.batch_unit = "examples"
+        plan.reasons["batch_unit"] = "examples: sequences need packed batches, and this run's are " + plan.batching
+        adjustments.append("batch unit sequences -> examples: the batches are not packed")
     if plan.logits == "labelled":
         ok, why = labelled_logits_supported(model)
         checks["logits"] = why
@@ -227,7 +232,7 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
     import torch
     from transformers import PrinterCallback, set_seed
 
-    from .batching import studio_trainer_class
+    from .batching import pack_sequences, studio_trainer_class
     from .compat import keep_4bit_weights_trainable
     from .diagnose import Diagnoser, settings_view
     from .golden import golden_callback
@@ -258,7 +263,12 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"LoRA r={plan.rank} alpha={plan.alpha} on {plan.targets} ({plan.reasons.get('lora') or 'as configured'}); "
         f"trainable {trainable:,} of {n_params:,} parameters ({100 * trainable / n_params:.2f}%)")
+    n_examples = len(data.train)
+    if plan.sequences:
+        data = replace(data, train=pack_sequences(data.train, plan.max_seq_len))
     schedule = _schedule(cfg, plan, len(data.train))
+    if plan.sequences:
+        _log_sequences(schedule, n_examples, plan, cfg, log)
     run.update_plan(plan=plan.to_dict(), schedule=schedule,
                     model={"path": str(source.path), "kind": source.kind, "trainable_params": trainable,
                            "total_params": n_params, "trainable_share": trainable / n_params})
@@ -274,6 +284,8 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
     trainer = studio_trainer_class()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                                      data_collator=_collator(plan, tokenizer, model), processing_class=tokenizer,
                                      callbacks=[callback, *([golden] if golden else []), *extra_callbacks])
+    if plan.device == "cpu":
+        _cpu_threads(trainer, plan, log)
     trainer.packed = plan.batching == "packed"
     trainer.labelled_logits = plan.logits == "labelled"
     trainer.remove_callback(PrinterCallback)  # our callback logs; the printer would echo raw dicts
@@ -292,6 +304,29 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
         result_metrics = {}
         trainer.state.global_step = 0
     return _finish(run, plan, trainer, callback, data, result_metrics, bool(resume_from), log, golden, world)
+
+
+def _log_sequences(schedule: dict, n_examples: int, plan: RunPlan, cfg: TrainConfig, log) -> None:
+    """``batch_unit: sequences``: what packing the examples into sequences did to the steps."""
+    n_seq, steps = schedule["train_examples"], schedule["steps_per_epoch"]
+    schedule["examples_per_step"] = round(n_examples / steps, 1)
+    log(f"batch unit sequences: {n_examples} examples packed into {n_seq} sequences of up to {plan.max_seq_len} "
+        f"tokens ({n_examples / n_seq:.1f} examples each): {steps} optimizer steps per epoch instead of "
+        f"{math.ceil(n_examples / plan.effective_batch)}, about {n_examples / steps:.1f} examples per step instead "
+        f"of {plan.effective_batch}, at the same learning rate {cfg.learning_rate:g}")
+
+
+def _cpu_threads(trainer, plan: RunPlan, log) -> None:
+    """A configured thread count, or threads that follow the cores other processes leave free."""
+    import torch
+
+    from .cpu_share import adaptive_threads_callback
+
+    if plan.cpu_threads:
+        torch.set_num_threads(plan.cpu_threads)
+        log(f"CPU threads: {plan.cpu_threads} (as configured)")
+    else:
+        trainer.add_callback(adaptive_threads_callback(log))
 
 
 def _resume_point(run: RunFolder, world, diagnoser, log) -> str:

@@ -167,3 +167,137 @@ def test_the_lm_head_at_trained_positions_only_gives_the_same_loss_and_gradients
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     unlabelled = {**batch, "labels": torch.full_like(batch["labels"], -100)}
     assert labelled_positions_only(unlabelled) is unlabelled  # nothing to train: left as it is
+
+
+def _busy_process():
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def test_other_processes_cores_are_measured_and_left_to_them():
+    """A real busy process next to this one: `CoreShare` sees about one core used by others, and the
+    thread count leaves that core to it; once it is gone the core comes back."""
+    import time
+
+    from qlora_studio.cpu_share import CHECK_SECONDS, CoreShare, threads_for
+
+    assert [threads_for(x, 2) for x in (0.0, 0.4, 0.6, 1.0, 2.0)] == [2, 2, 1, 1, 1]
+    assert [threads_for(x, 8) for x in (0.0, 1.2, 2.7, 7.9)] == [8, 7, 5, 1]
+    share = CoreShare()
+    assert share.others() is None  # too soon to say
+    busy = _busy_process()
+    try:
+        time.sleep(CHECK_SECONDS + 0.5)
+        with_busy = share.others()
+    finally:
+        busy.kill()
+        busy.wait()
+    time.sleep(CHECK_SECONDS + 0.5)
+    without = share.others()
+    assert with_busy is not None and without is not None
+    assert with_busy >= 0.8, with_busy
+    assert with_busy - without >= 0.6, (with_busy, without)
+
+
+@pytest.mark.skipif(__import__("qlora_studio.cpu_share", fromlist=["cores"]).cores() < 2,
+                    reason="needs a core to give up")
+def test_a_cpu_run_gives_a_core_to_a_busy_process_and_takes_it_back(studio_home, tiny_llama, tmp_path):
+    """A real run of the tiny model with a busy process started next to it: the trainer drops to the
+    cores left free, logs it, and ends with the process's thread count as it found it."""
+    import threading
+    import time
+
+    import torch
+
+    data = _varied_data(tmp_path / "varied.jsonl", n=32)
+    cfg = TrainConfig(model=str(tiny_llama), data=str(data), max_steps=100000, batch_size=2, max_seq_len=128,
+                      eval_fraction=0.0, quant="nf4", save_steps=10**6)
+    assert plan_run(cfg, Machine("cpu"), None, module_names=["q_proj"], n_params=10**6).cpu_threads is None
+    run = prepare_run(cfg)
+    stop = threading.Event()
+    log = run.path / "train.log"
+    before = torch.get_num_threads()
+    busy = None
+
+    def watch():
+        nonlocal busy
+        deadline = time.time() + 120
+        while time.time() < deadline and "step 2/" not in (log.read_text() if log.exists() else ""):
+            time.sleep(0.2)
+        busy = _busy_process()
+        while time.time() < deadline and "CPU threads" not in log.read_text():
+            time.sleep(0.2)
+        stop.set()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        status = run_training(run, stop)
+    finally:
+        watcher.join()
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    assert status["state"] == "stopped", status
+    text = log.read_text()
+    assert f"CPU threads {before} -> {before - 1}: other processes used" in text, text[-2000:]
+    plan = run.plan()["plan"]
+    assert plan["cpu_threads"] is None and "other processes leave free" in plan["reasons"]["cpu_threads"]
+    assert torch.get_num_threads() == before
+
+
+def test_sequences_hold_whole_examples_apart_and_no_longer_than_the_limit():
+    from datasets import Dataset
+
+    from qlora_studio.batching import pack_sequences
+
+    lengths = [30, 5, 17, 40, 8, 12, 25, 3]
+    rows = [{"input_ids": list(range(100 * k, 100 * k + n)), "labels": [-100] * 2 + list(range(100 * k + 2, 100 * k + n))}
+            for k, n in enumerate(lengths)]
+    packed = pack_sequences(Dataset.from_list(rows), 48)
+    assert all(len(x) <= 48 for x in packed["input_ids"])
+    assert sum(packed["examples"]) == len(rows) and len(packed) == 3  # 40+8 | 30+17 | 25+12+5+3 (first fit)
+    seen = []
+    for seq in packed:
+        starts = [i for i, p in enumerate(seq["position_ids"]) if p == 0]
+        assert len(starts) == seq["examples"] and seq["attention_mask"] == [1] * len(seq["input_ids"])
+        for a, b in zip(starts, starts[1:] + [len(seq["input_ids"])]):
+            example = seq["input_ids"][a:b]
+            seen.append(example)
+            assert seq["position_ids"][a:b] == list(range(b - a))
+            original = next(r for r in rows if r["input_ids"] == example)
+            assert seq["labels"][a:b] == [-100] + original["labels"][1:]  # nothing learned across examples
+    assert sorted(map(tuple, seen)) == sorted(tuple(r["input_ids"]) for r in rows)
+    # the collator keeps a sequence's own positions
+    batch = PackedBatches(pad_id=0, attention_span=10**6)([packed[0], packed[1]])
+    assert sorted(batch["position_ids"][0].tolist()) == sorted(packed[0]["position_ids"] + packed[1]["position_ids"])
+
+
+def test_a_run_counting_sequences_takes_fewer_bigger_steps_and_says_so(studio_home, tiny_llama, tmp_path):
+    data = _varied_data(tmp_path / "varied.jsonl", n=24)
+    cfg = TrainConfig(model=str(tiny_llama), data=str(data), epochs=1, batch_size=2, max_seq_len=256,
+                      eval_fraction=0.0, quant="nf4", batch_unit="sequences", save_steps=10**6)
+    run = prepare_run(cfg)
+    assert run_training(run)["state"] == "completed"
+    doc = run.plan()
+    sched, plan = doc["schedule"], doc["plan"]
+    examples = _tokens_of(tiny_llama, data)
+    n = len(examples)
+    assert plan["batch_unit"] == "sequences" and "learning rate stays" in plan["reasons"]["batch_unit"]
+    assert sched["train_examples"] < 0.7 * n  # sequences
+    assert sched["steps_per_epoch"] == -(-sched["train_examples"] // 2) < n / 2  # counting examples: n / 2 steps
+    assert sched["examples_per_step"] == pytest.approx(n / sched["steps_per_epoch"], abs=0.05)
+    steps = [r for r in run.metrics() if r["type"] == "train"]
+    assert len(steps) == sched["steps_per_epoch"]
+    assert run.summary()["non_pad_tokens"] == sum(len(x) for x in examples)
+    text = (run.path / "train.log").read_text()
+    assert f"batch unit sequences: {n} examples packed into {sched['train_examples']} sequences of up to 256" in text
+
+
+def _tokens_of(model_path, data):
+    from qlora_studio.data import prepare_dataset
+    from qlora_studio.loading import load_tokenizer
+
+    return prepare_dataset(data, load_tokenizer(model_path), 256, eval_fraction=0.0).train["input_ids"]

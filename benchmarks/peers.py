@@ -1,0 +1,553 @@
+"""Our trainer against TRL and LLaMA-Factory: one QLoRA recipe on the same CPU data, each run in a fresh process.
+
+    python benchmarks/peers.py --setup                   # install the peers' venvs (again), print their versions
+    python benchmarks/peers.py --out peers.json          # 64 alpaca rows: ours, trl, lf, lf-nopack, held-out losses
+    python benchmarks/peers.py --examples 256 --repeats 2 --budget 120 --out peers.json
+    python benchmarks/peers.py --examples 16 --max-steps 3 --warmup 1 --systems ours trl   # smoke run
+
+Environments: each peer has ``~/.cache/qlora-studio/peers/<system>-<version>/``, a ``venv
+--system-site-packages`` over this Python (and its venv, if it runs in one), installed on demand:
+torch and bitsandbytes (the kernels) are ours, pinned by a constraints file; what the peer needs
+besides shadows ours inside its venv.
+``trl[peft]==1.16.0`` runs on our transformers/peft/datasets. ``llamafactory==0.9.5`` goes in ``--no-deps``
+with its training requirements at the newest versions it allows (transformers 5.6.0, peft 0.18.1, trl
+0.24.0, accelerate 1.11.0, datasets 4.0.0); its web UI, API and multimodal extras (gradio, torchvision,
+av, modelscope, ...) are left out (pip lists them as conflicts), and torchaudio (imported by its data
+module; PyPI's last, 2.11.1, is built against CUDA torch) loses its compiled extension: its documented
+pure-Python fallback. Each venv's ``pip freeze --local`` and the key versions as it imports them go into the results.
+
+The recipe, for all: the embedded SmolLM2-135M-Instruct, NF4 + double quant, LoRA r=16 alpha=32
+dropout 0.05 on every linear layer, lr 2e-4 cosine, warm-up 5%, 1 epoch, batch 4, max length 512,
+seed 42, AdamW (torch), no evaluation, no checkpoint, gradient checkpointing off. Ours as shipped
+(every speed setting automatic; fp32 on a CPU without native bf16). ``--peer-dtype fp32`` (default)
+gives the peers fp32 compute too: TRL ``bf16=False``, ``dtype=float32``, compute dtype fp32, and its
+LoRA weights, which it casts to bf16 for a 4-bit model (not a setting), cast back to fp32 before the
+optimizer exists; LLaMA-Factory ``bf16: false`` (fp32 4-bit compute on a CPU), but it loads the
+checkpoint's own dtype (bf16; no setting), so it gets the model folder with config.json saying
+float32. ``--peer-dtype default`` leaves both as they ship (TRL: bf16 autocast, compute and LoRA).
+Batching: TRL ``packing=True`` (best-fit-decreasing rows of <= 512 tokens, padding-free: a batch's 4
+rows flattened into one) on prompt/completion conversations (completion-only loss); LLaMA-Factory
+``packing: true`` (greedy rows of 512 tokens, padded, examples attending across their boundaries,
+examples over 511 tokens dropped) and ``lf-nopack`` (its default: padded to the batch's longest; a
+long example loses prompt and answer in proportion), template ``smollm2``. A packed step of the peers
+holds about 4 x 512 tokens (~16 examples here), so their epoch has ~4x fewer optimizer steps than ours
+or lf-nopack (4 examples a step). Attention: each system's own CPU choice (ours eager, the peers SDPA).
+
+Data: ``throughput.make_data(kind="alpaca")``, long-tailed rows, only the outputs trained. Every system
+renders them with SmolLM2's chat template and its default system prompt (given to LLaMA-Factory per
+row: its template's default ends with an extra "."), so all see the same tokens: the table's token
+totals check it. Held-out: ``--heldout`` rows of another seed, scored alike for every system, here:
+the base model in fp32 (not quantized) plus the saved adapter, mean loss per output token of the rows
+as our data code renders and masks them (the template and masking every system trained with).
+
+Measured: a callback injected into every Trainer (``transformers.Trainer.__init__`` patched in the
+child) times from ``on_train_begin`` (model and data loading excluded) to ``on_train_end`` (epoch s),
+and the collator is wrapped to count each step's examples, trained tokens and non-pad tokens (pad
+tails and attention-mask zeros left out; the Trainer's own ``num_input_tokens_seen`` is also shown,
+but it counts LLaMA-Factory's packed padding and misses TRL's <|im_end|>, the pad id). Tokens/s leave
+out the first ``--warmup`` optimizer steps. Equal wall time (``--budget``, default the shortest median
+epoch): each slower system trains its one-epoch schedule again and stops at the first step end past
+the budget (its learning rate not annealed); a system whose epoch fits keeps its one-epoch adapter.
+``--repeats`` alternates the order (ours, trl, lf, lf-nopack, then reversed); before each run the
+script waits up to ``--settle`` s for the 1-minute load to fall under 1.5 and warns if it did not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import site
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("QLORA_STUDIO_PEERS", Path.home() / ".cache" / "qlora-studio" / "peers"))
+RECIPE = dict(rank=16, alpha=32, dropout=0.05, lr=2e-4, warmup=0.05, epochs=1, batch=4, max_len=512, seed=42)
+KEY_PACKAGES = ("qlora-studio", "trl", "llamafactory", "transformers", "peft", "datasets", "accelerate", "torch",
+                "bitsandbytes", "tokenizers", "huggingface_hub")
+LF_DEPS = ["transformers==5.6.0", "peft==0.18.1", "trl==0.24.0", "accelerate==1.11.0", "datasets==4.0.0",
+           "tyro<0.9.0", "omegaconf", "fire", "einops", "sentencepiece", "tiktoken", "protobuf", "pydantic",
+           "pyyaml", "scipy", "pandas", "torchaudio"]  # torchaudio: imported by its data module
+PEERS = {  # venv name: (version, pip install argument lists, run one after the other)
+    "trl": ("1.16.0", [["trl[peft]==1.16.0"]]),
+    "llamafactory": ("0.9.5", [["--no-deps", "llamafactory==0.9.5"], LF_DEPS]),
+}
+SYSTEMS = {  # name: (venv or None for ours, batching as configured)
+    "ours": (None, "as shipped, every speed setting automatic (see settings)"),
+    "ours-seq": (None, "batch_unit: sequences: 4 rows <= 512 tokens of whole examples, padding-free (the peers' step)"),
+    "trl": ("trl", "packing=True: BFD rows <= 512 tokens, padding-free (batch rows flattened into one)"),
+    "lf": ("llamafactory", "packing: true: greedy rows of 512 tokens, padded, examples attend across boundaries"),
+    "lf-nopack": ("llamafactory", "default: examples padded to the batch's longest"),
+}
+
+
+# ------------------------------------------------------------------------------- environments
+
+
+def venv_dir(peer: str) -> Path:
+    return CACHE / f"{peer}-{PEERS[peer][0]}"
+
+
+def venv_python(peer: str | None) -> str:
+    return sys.executable if peer is None else str(venv_dir(peer) / "bin" / "python")
+
+
+def ensure_venv(peer: str, force: bool = False) -> dict:
+    """Create and fill the peer's venv unless a complete one with the same install lists is there."""
+    folder, (version, installs) = venv_dir(peer), PEERS[peer]
+    marker = folder / "peers-install.json"
+    if not force and marker.is_file() and json.loads(marker.read_text()).get("installs") == installs:
+        return json.loads(marker.read_text())
+    shutil.rmtree(folder, ignore_errors=True)
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)], check=True)
+    own = [d for d in site.getsitepackages() if not d.startswith(sys.base_prefix)]
+    if own:  # this Python is a venv itself: its packages too (after the peer's own)
+        purelib = subprocess.run([venv_python(peer), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        Path(purelib, "parent-env.pth").write_text("".join(f"import site; site.addsitedir({d!r})\n" for d in own))
+    constraints = folder / "constraints.txt"  # the compute kernels stay ours
+    constraints.write_text("".join(f"{p}=={metadata.version(p)}\n" for p in ("torch", "bitsandbytes")))
+    for args in installs:
+        cmd = [venv_python(peer), "-m", "pip", "install", "--disable-pip-version-check", "-c", str(constraints), *args]
+        print("$ " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    # torchaudio (which LLaMA-Factory imports) ends at 2.11 on PyPI, its extension built against CUDA torch;
+    # without the compiled files it imports as pure Python (its documented fallback), which is all LF needs
+    for lib in folder.glob("lib/python*/site-packages/torchaudio/lib/*.so"):
+        lib.unlink()
+    info = {"peer": peer, "version": version, "installs": installs, "install_s": round(time.time() - start, 1),
+            "size_mb": round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20, 1)}
+    marker.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def describe_env(peer: str | None) -> dict:
+    """The key packages' versions as that environment imports them, and what the venv installed itself."""
+    code = ("import json, importlib.metadata as m\nv = {}\nfor p in %r:\n    try: v[p] = m.version(p)\n"
+            "    except m.PackageNotFoundError: pass\nprint(json.dumps(v))" % (KEY_PACKAGES,))
+    out = subprocess.run([venv_python(peer), "-c", code], capture_output=True, text=True, check=True).stdout
+    env = {"python": venv_python(peer), "versions": json.loads(out)}
+    if peer is not None:
+        freeze = subprocess.run([venv_python(peer), "-m", "pip", "freeze", "--local", "--disable-pip-version-check"],
+                                capture_output=True, text=True).stdout
+        env.update(venv=str(venv_dir(peer)), installed_in_venv=freeze.split(), **{
+            k: v for k, v in json.loads((venv_dir(peer) / "peers-install.json").read_text()).items()
+            if k in ("install_s", "size_mb")})
+    return env
+
+
+# ------------------------------------------------------------------- the child: one training run
+
+
+def _count(feature: dict, pad_id) -> tuple[int, int, int]:
+    """(non-pad tokens, trained tokens, examples) of one collator input: a pad tail (pad ids without
+    labels, as LLaMA-Factory's packed rows end) or attention-mask zeros are not counted."""
+    ids, labels, mask = list(feature["input_ids"]), feature.get("labels"), feature.get("attention_mask")
+    if mask is not None and 0 in list(mask):
+        real = sum(1 for m in mask if m)
+    else:
+        real = len(ids)
+        while real and ids[real - 1] == pad_id and (labels is None or labels[real - 1] == -100):
+            real -= 1
+    trained = real if labels is None else sum(1 for y in list(labels)[:real] if y != -100)
+    if "seq_lengths" in feature:  # TRL's packed rows
+        examples = len(feature["seq_lengths"])
+    elif "position_ids" in feature:  # LLaMA-Factory's packed rows: positions restart at each example
+        examples = sum(1 for p in list(feature["position_ids"])[:real] if p == 0)
+    else:
+        examples = 1
+    return real, trained, examples
+
+
+def install_probe(budget: float | None) -> dict:
+    """Patch every Trainer this process builds: a counting collator and a timing callback. The
+    dataloader fetches a batch ahead, so a step's totals are those after its own batches (``cum``)."""
+    import transformers
+    from transformers import TrainerCallback
+
+    probe = {"records": [], "losses": [], "cum": []}
+    counts = dict(tokens=0, trained=0, examples=0, rows=0, positions=0)
+
+    class Counting:
+        def __init__(self, inner, pad_id):
+            self.inner, self.pad_id = inner, pad_id
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, features):
+            for f in features:
+                real, trained, examples = _count(f, self.pad_id)
+                counts["tokens"] += real
+                counts["trained"] += trained
+                counts["examples"] += examples
+            batch = self.inner(features)
+            shape = batch["input_ids"].shape  # what the model computes: rows x width, padding included
+            counts["rows"] += shape[0]
+            counts["positions"] += shape[0] * shape[1]
+            probe["cum"].append(dict(counts))
+            return batch
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            probe["t0"] = time.time()
+            probe["model"] = _describe_model(model, args)
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.time()
+            done = probe["cum"][min(state.global_step * args.gradient_accumulation_steps, len(probe["cum"])) - 1]
+            probe["records"].append({"step": state.global_step, "time": now, **done,
+                                     "trainer_tokens": int(state.num_input_tokens_seen or 0)})
+            if budget is not None and now - probe["t0"] >= budget:
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                probe["losses"].append(float(logs["loss"]))
+
+        def on_train_end(self, args, state, control, **kw):
+            probe["t1"] = time.time()
+
+    init = transformers.Trainer.__init__
+
+    def patched(self, *a, **k):
+        init(self, *a, **k)
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        self.data_collator = Counting(self.data_collator, getattr(tok, "pad_token_id", None))
+        self.add_callback(Probe())
+
+    transformers.Trainer.__init__ = patched
+    return probe
+
+
+def _describe_model(model, args) -> dict:
+    qc = getattr(model.config, "quantization_config", None)
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc or {})
+    lora = [p for p in model.parameters() if p.requires_grad]
+    short = lambda x: str(x).replace("torch.", "")  # noqa: E731
+    return {"compute_dtype": short(qc.get("bnb_4bit_compute_dtype")), "quant_type": qc.get("bnb_4bit_quant_type"),
+            "double_quant": qc.get("bnb_4bit_use_double_quant"), "lora_dtype": short(lora[0].dtype),
+            "frozen_dtype": short(model.get_input_embeddings().weight.dtype),
+            "autocast": "bf16" if args.bf16 else "fp16" if args.fp16 else None,
+            "trainable_params": sum(p.numel() for p in lora), "attention": model.config._attn_implementation,
+            "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+            "optim": str(args.optim).replace("OptimizerNames.", "").lower()}
+
+
+def run_ours(spec: dict) -> dict:
+    from qlora_studio.config import TrainConfig
+    from qlora_studio.training import prepare_run, run_training
+
+    r = RECIPE
+    cfg = TrainConfig(model=spec["model"], data=spec["train"], data_format="alpaca", quant="nf4", rank=r["rank"],
+                      alpha=r["alpha"], targets="all", lora_dropout=r["dropout"], learning_rate=r["lr"],
+                      warmup_ratio=r["warmup"], epochs=r["epochs"], batch_size=r["batch"], max_seq_len=r["max_len"],
+                      seed=r["seed"], eval_fraction=0.0, save_steps=10**9, max_steps=spec["max_steps"],
+                      batch_unit="sequences" if spec["system"] == "ours-seq" else "examples")
+    run = prepare_run(cfg)
+    status = run_training(run, echo=False)
+    if status["state"] != "completed":
+        raise SystemExit(f"our run did not complete: {status}")
+    plan = json.loads((run.path / "plan.json").read_text())["plan"]
+    keys = ("precision", "batching", "batch_unit", "attention", "logits", "gradient_checkpointing", "optimizer",
+            "targets")
+    return {"adapter": str(run.adapter), "settings": {k: plan.get(k) for k in keys}}
+
+
+def run_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    r = RECIPE
+    rows = [json.loads(line) for line in open(spec["train"], encoding="utf-8")]
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": x["instruction"]}],
+                               "completion": [{"role": "assistant", "content": x["output"]}]} for x in rows])
+    fp32 = spec["peer_dtype"] == "fp32"  # else TRL's documented QLoRA defaults: bf16 compute and autocast
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32 if fp32 else torch.bfloat16)
+    args = SFTConfig(output_dir=spec["out"], model_init_kwargs={"quantization_config": bnb, **(
+                     {"dtype": torch.float32} if fp32 else {})}, **({"bf16": False} if fp32 else {}),
+                     max_length=r["max_len"], packing=True, completion_only_loss=True, gradient_checkpointing=False,
+                     use_cpu=True, per_device_train_batch_size=r["batch"], gradient_accumulation_steps=1,
+                     learning_rate=r["lr"], lr_scheduler_type="cosine", warmup_steps=r["warmup"],
+                     num_train_epochs=r["epochs"], max_steps=spec["max_steps"] or -1, optim="adamw_torch",
+                     logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+                     seed=r["seed"], dataloader_num_workers=0, include_num_input_tokens_seen="non_padding")
+    lora = LoraConfig(r=r["rank"], lora_alpha=r["alpha"], lora_dropout=r["dropout"], target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=data, peft_config=lora,
+                         processing_class=AutoTokenizer.from_pretrained(spec["model"]))
+    if fp32:  # TRL casts a 4-bit model's LoRA weights to bf16 (not a setting); back to fp32, as ours keeps them
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    trainer.train()
+    trainer.save_model(str(Path(spec["out"]) / "adapter"))
+    return {"adapter": str(Path(spec["out"]) / "adapter"), "settings": {
+        "packing": args.packing_strategy, "padding_free": trainer.padding_free,
+        "completion_only_loss": trainer.completion_only_loss, "peer_dtype": spec["peer_dtype"]}}
+
+
+def lf_config(spec: dict, packing: bool) -> dict:
+    r = RECIPE
+    cfg = dict(model_name_or_path=spec["lf_model"], stage="sft", do_train=True, finetuning_type="lora",
+               lora_rank=r["rank"], lora_alpha=r["alpha"], lora_dropout=r["dropout"], lora_target="all",
+               quantization_bit=4, quantization_method="bnb", quantization_type="nf4", double_quantization=True,
+               dataset="peers_train", dataset_dir=spec["lf_dir"], template="smollm2", cutoff_len=r["max_len"],
+               packing=packing, overwrite_cache=True, output_dir=str(Path(spec["out"]) / "adapter"),
+               per_device_train_batch_size=r["batch"], gradient_accumulation_steps=1, learning_rate=r["lr"],
+               lr_scheduler_type="cosine", warmup_steps=r["warmup"], num_train_epochs=float(r["epochs"]),
+               bf16=False, disable_gradient_checkpointing=True, optim="adamw_torch", logging_steps=1,
+               save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, seed=r["seed"],
+               dataloader_num_workers=0, plot_loss=False, include_num_input_tokens_seen="non_padding")
+    if spec["max_steps"]:
+        cfg["max_steps"] = spec["max_steps"]
+    return cfg
+
+
+def run_lf(spec: dict) -> dict:
+    from llamafactory.train.tuner import run_exp
+
+    cfg = lf_config(spec, packing=spec["system"] == "lf")
+    (Path(spec["out"]) / "lf_config.json").write_text(json.dumps(cfg, indent=1))  # llamafactory-cli train <it>
+    run_exp(args=cfg)
+    return {"adapter": cfg["output_dir"], "settings": cfg}
+
+
+def child(spec: dict) -> int:
+    probe = install_probe(spec["budget"])
+    run = {"ours": run_ours, "ours-seq": run_ours, "trl": run_trl}.get(spec["system"], run_lf)
+    out = run(spec)
+    recs = probe["records"]
+    out |= {"epoch_s": probe["t1"] - probe["t0"], "records": [
+        {**rec, "time": rec["time"] - probe["t0"]} for rec in recs], "losses": probe["losses"], "model": probe["model"]}
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ the parent
+
+
+def write_data(work: Path, a) -> dict:
+    """The training rows (for ours and TRL), LLaMA-Factory's copy with the system prompt, the held-out rows."""
+    sys.path.insert(0, str(HERE))
+    from throughput import make_data
+
+    from qlora_studio.data import default_system_prompt
+    from qlora_studio.loading import load_tokenizer
+    from qlora_studio.models import embedded_model_path
+
+    shape = make_data(work / "train.jsonl", a.examples, max_words=RECIPE["max_len"], seed=0, kind="alpaca")
+    held = make_data(work / "heldout.jsonl", a.heldout, max_words=RECIPE["max_len"], seed=1, kind="alpaca")
+    system = default_system_prompt(load_tokenizer(embedded_model_path()))
+    lf = work / "lf"
+    lf.mkdir()
+    rows = [dict(json.loads(line), system=system) for line in open(work / "train.jsonl", encoding="utf-8")]
+    (lf / "train.json").write_text(json.dumps(rows))
+    (lf / "dataset_info.json").write_text(json.dumps({"peers_train": {"file_name": "train.json", "columns": {
+        "prompt": "instruction", "response": "output", "system": "system"}}}))
+    return {"train": shape, "heldout": held, "system_prompt": system}
+
+
+def fp32_view(model: str, folder: Path) -> str:
+    """The model folder with config.json saying float32: LLaMA-Factory loads a checkpoint in its own dtype
+    (``torch_dtype="auto"``, bf16 for SmolLM2; no setting changes it), the others load it in fp32."""
+    folder.mkdir()
+    for f in Path(model).iterdir():
+        if f.name != "config.json":
+            (folder / f.name).symlink_to(f)
+    config = json.loads((Path(model) / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, dtype="float32"), indent=1))
+    return str(folder)
+
+
+def run_one(system: str, spec: dict, work: Path, env: dict, tag: str, a) -> dict:
+    from throughput import _rate
+
+    waited = time.time()
+    while os.getloadavg()[0] > 1.5 and time.time() - waited < a.settle:  # the previous run's load decays
+        time.sleep(5)
+    load = os.getloadavg()
+    print(f"[{tag}] {system}: load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (waited "
+          f"{time.time() - waited:.0f} s)" + ("  WARNING: 1-min load > 1.5, the machine is busy" if load[0] > 1.5
+                                               else ""), flush=True)
+    spec = dict(spec, system=system, out=str(work / tag))
+    Path(spec["out"]).mkdir(parents=True)
+    cmd = [venv_python(SYSTEMS[system][0]), str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=spec["out"], env=env, capture_output=True, text=True)
+    (Path(spec["out"]) / "log.txt").write_text(proc.stdout + "\n----- stderr\n" + proc.stderr)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{system} ({tag}) failed (exit {proc.returncode}), log in {spec['out']}/log.txt\n"
+                         f"{proc.stderr[-4000:]}")
+    r = json.loads(line[len("RESULT "):])
+    recs = r.pop("records")
+    last, steps = recs[-1], len(recs)
+    r.update({k: last[k] for k in ("tokens", "trained", "examples", "rows", "positions", "trainer_tokens")})
+    r.update(system=system, tag=tag, budget=spec["budget"], steps=steps,
+             tokens_per_s=_rate(recs, a.warmup)[0] if steps > a.warmup else None,
+             examples_per_step=last["examples"] / steps, rows_per_step=last["rows"] / steps,
+             width=last["positions"] / last["rows"], padding_share=1 - last["tokens"] / last["positions"],
+             final_loss=r["losses"][-1] if r["losses"] else None, process_s=time.time() - start)
+    after = os.getloadavg()
+    rate_text = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else "-"
+    print(f"[{tag}] {system}: {rate_text} non-pad tokens/s, {r['steps']} steps, {r['epoch_s']:.1f} s training "
+          f"({r['process_s']:.0f} s in all), {r['examples']} examples ({r['examples_per_step']:.1f}/step), "
+          f"{r['tokens']} tokens ({r['trained']} trained), final loss {r['final_loss']}; "
+          f"load after {after[0]:.2f}", flush=True)
+    return r
+
+
+def heldout_losses(model: str, heldout: Path, adapters: dict) -> dict:
+    """Mean loss per output token on the held-out rows: the fp32 base, then the base plus each adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_studio.data import load_examples, tokenize_example
+    from qlora_studio.loading import load_tokenizer
+
+    tok = load_tokenizer(model)
+    rows = [tokenize_example(tok, ex, RECIPE["max_len"]) for ex in load_examples(heldout, "alpaca")[0]]
+
+    def score(m) -> float:
+        total = count = 0.0
+        m.eval()
+        with torch.no_grad():
+            for row in rows:
+                logits = m(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].float()
+                target = torch.tensor(row["labels"][1:])
+                keep = target != -100
+                total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+                count += int(keep.sum())
+        return total / count
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+
+    out = {"base": score(base())}
+    for key, path in adapters.items():
+        out[key] = score(PeftModel.from_pretrained(base(), path))
+        print(f"held-out loss {key}: {out[key]:.4f}", flush=True)
+    return out
+
+
+def summarize(systems: list[str], runs: list[dict], losses: dict, budget: float) -> tuple[list[dict], str]:
+    """One row per system (medians over the repeats) and the markdown table."""
+    med = statistics.median
+    rows, lines = [], [
+        f"| system | non-pad tok/s | steps | examples/step | rows x width/step | padding | epoch s | final loss | "
+        f"held-out, 1 epoch | held-out, {budget:.0f} s | compute |", "|" + "---|" * 11]
+    for s in systems:
+        ep = [r for r in runs if r["system"] == s and r["budget"] is None]
+        bud = next((r for r in runs if r["system"] == s and r["budget"] is not None), None)
+        rates = [r["tokens_per_s"] for r in ep if r["tokens_per_s"]]
+        first, m = ep[0], ep[0]["model"]
+        row = dict(system=s, batching=SYSTEMS[s][1], tokens_per_s=med(rates) if rates else None,
+                   tokens_per_s_all=rates, epoch_s=med(r["epoch_s"] for r in ep), compute=m,
+                   heldout_epoch=med(losses[r["tag"]] for r in ep),
+                   **{k: first[k] for k in ("steps", "examples_per_step", "rows_per_step", "width", "padding_share",
+                                            "final_loss", "tokens", "trained", "examples")})
+        bud = bud or dict(row, tag=ep[0]["tag"])  # an epoch within the budget: its one-epoch adapter
+        row.update(heldout_budget=losses[bud["tag"]], budget_steps=bud["steps"], budget_s=bud["epoch_s"])
+        rows.append(row)
+        spread = f" ({min(rates):.0f}-{max(rates):.0f})" if len(rates) > 1 else ""
+        compute = (f"NF4 {m['compute_dtype']}, frozen {m['frozen_dtype']}, LoRA {m['lora_dtype']}"
+                   f"{', autocast ' + m['autocast'] if m['autocast'] else ''}, {m['attention']}")
+        lines.append(
+            f"| {s} | {row['tokens_per_s'] or 0:.1f}{spread} | {row['steps']} | {row['examples_per_step']:.1f} | "
+            f"{row['rows_per_step']:.1f} x {row['width']:.0f} | {100 * row['padding_share']:.0f}% | "
+            f"{row['epoch_s']:.1f} | "
+            f"{row['final_loss']:.4f} | {row['heldout_epoch']:.4f} | {row['heldout_budget']:.4f} "
+            f"({row['budget_steps']} steps, {row['budget_s']:.0f} s) | {compute} |")
+    return rows, "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setup", action="store_true", help="install (or reinstall) the peers' venvs, then exit")
+    p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    p.add_argument("--examples", type=int, default=64)
+    p.add_argument("--heldout", type=int, default=64, help="held-out rows (make_data seed 1)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2, help="optimizer steps left out of the rate")
+    p.add_argument("--settle", type=float, default=60, help="seconds to wait at most for the load to fall")
+    p.add_argument("--budget", type=float, help="seconds of training for the equal-time held-out loss "
+                                                "(default: the shortest median one-epoch time)")
+    p.add_argument("--max-steps", type=int, help="cut every run short (smoke test; the rates mean little)")
+    p.add_argument("--peer-dtype", choices=["fp32", "default"], default="fp32",
+                   help="fp32: the peers compute in fp32, as ours does on this CPU; default: as they ship")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        return child(json.loads(a.child))
+    peers = sorted({SYSTEMS[s][0] for s in a.systems} - {None})
+    for peer in peers:
+        info = ensure_venv(peer, force=a.setup)
+        print(f"{peer} {info['version']}: {venv_dir(peer)} ({info['size_mb']} MB, installed in "
+              f"{info['install_s']} s)")
+    envs = {peer or "ours": describe_env(peer) for peer in [None, *peers]}
+    for name, env in envs.items():
+        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), flush=True)
+    if a.setup:
+        return 0
+
+    from qlora_studio.models import embedded_model_path
+
+    work = Path(tempfile.mkdtemp(prefix="qlora-peers-"))
+    model = str(embedded_model_path())
+    data = write_data(work, a)
+    env = dict(os.environ, QLORA_STUDIO_HOME=str(work / "home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HF_DATASETS_CACHE=str(work / "datasets"), TOKENIZERS_PARALLELISM="false")
+    spec = {"model": model, "train": str(work / "train.jsonl"), "lf_dir": str(work / "lf"), "budget": None,
+            "max_steps": a.max_steps, "peer_dtype": a.peer_dtype,
+            "lf_model": fp32_view(model, work / "model-fp32") if a.peer_dtype == "fp32" else model}
+    t = data["train"]
+    print(f"work folder {work}\n{a.examples} alpaca rows (words: median {t['words_median']}, 90th percentile "
+          f"{t['words_p90']}, max {t['words_max']}), {a.heldout} held-out rows, recipe {RECIPE}, "
+          f"{a.warmup} warm-up steps left out, {os.cpu_count()} CPUs", flush=True)
+    runs = []
+    for rep in range(a.repeats):
+        order = a.systems if rep % 2 == 0 else a.systems[::-1]
+        runs += [run_one(s, spec, work, env, f"{s}-r{rep + 1}", a) for s in order]
+    epoch_s = {s: statistics.median(r["epoch_s"] for r in runs if r["system"] == s) for s in a.systems}
+    budget = a.budget or min(epoch_s.values())
+    why = "given" if a.budget else "the shortest median epoch: " + min(epoch_s, key=epoch_s.get)
+    print(f"budget {budget:.1f} s ({why})")
+    for s in a.systems:
+        if epoch_s[s] > budget:
+            runs.append(run_one(s, dict(spec, budget=budget), work, env, f"{s}-budget", a))
+    losses = heldout_losses(model, work / "heldout.jsonl", {r["tag"]: r["adapter"] for r in runs})
+    rows, table = summarize(a.systems, runs, losses, budget)
+    print(f"\nheld-out loss of the base model: {losses['base']:.4f}\n\n{table}\n")
+    shown = ("precision", "batching", "attention", "logits", "gradient_checkpointing", "packing", "padding_free",
+             "completion_only_loss", "template", "cutoff_len", "peer_dtype")
+    for row in rows:
+        r = next(x for x in runs if x["system"] == row["system"])
+        print(f"{row['system']}: {row['batching']}; {r['steps']} steps: {r['examples']} examples, {r['tokens']} "
+              f"non-pad tokens ({r['trainer_tokens']} by the Trainer's own count), {r['trained']} trained; "
+              + json.dumps({k: v for k, v in r["settings"].items() if k in shown}))
+    if not a.max_steps and len({row["trained"] for row in rows}) > 1:
+        print("note: the systems trained different token totals (truncation or dropped long examples differ)")
+    if a.out:
+        Path(a.out).write_text(json.dumps(dict(recipe=RECIPE, data=data, args=vars(a), budget=budget, environments=envs,
+                                               summary=rows, runs=runs, heldout_losses=losses, table=table), indent=1))
+        print(f"results in {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
