@@ -2,12 +2,13 @@
 
 torch splits every matmul across its intra-op threads, one per core, and each parallel region waits for
 its slowest thread. When another process holds a core, the thread that shares it runs a fraction of the
-time and the whole step waits for it: on a 2-core machine the trainer ran 10x slower beside one busy
-process. Fewer threads than free cores loses at most that core's share.
+time and the whole step waits for it: on a 2-core machine beside one busy process, the trainer ran at
+30-39 non-pad tokens/s on two threads and 65-80 on one (`benchmarks/throughput.py --busy`). Fewer
+threads than free cores loses at most that core's share.
 
 `CoreShare` measures how many cores other processes used since it last looked (the machine's busy time
 in /proc/stat minus this process's own CPU time); `threads_for` turns that into a thread count; the
-trainer's `AdaptiveThreads` callback applies it between optimizer steps and logs each change.
+trainer's `threads_callback` applies it between optimizer steps and logs each change.
 `benchmarks/throughput.py --busy` measures it beside a busy process.
 """
 
@@ -67,30 +68,34 @@ class CoreShare:
         return min(float(self.n_cores), max(0.0, (busy - own) / wall))
 
 
-def adaptive_threads_callback(log):
-    """A TrainerCallback that sets torch's intra-op threads before each optimizer step to the cores other
-    processes leave free (`threads_for`), and logs each change."""
+def threads_callback(log, fixed: int | None = None):
+    """A TrainerCallback for torch's intra-op threads while training: ``fixed`` threads, or before each
+    optimizer step the cores other processes leave free (`threads_for`), each change logged. At the end the
+    process (the app, its chat) gets the count it had."""
     import torch
     from transformers import TrainerCallback
 
-    class AdaptiveThreads(TrainerCallback):
+    class Threads(TrainerCallback):
         def __init__(self):
             self.share = CoreShare()
-            self.changes = 0
             self.initial = torch.get_num_threads()
 
+        def on_train_begin(self, args, state, control, **kw):
+            if fixed:
+                torch.set_num_threads(fixed)
+                log(f"CPU threads: {fixed} (as configured)")
+
         def on_step_begin(self, args, state, control, **kw):
-            others = self.share.others()
+            others = None if fixed else self.share.others()
             if others is None:
                 return
             want, have = threads_for(others, self.share.n_cores), torch.get_num_threads()
             if want != have:
                 torch.set_num_threads(want)
-                self.changes += 1
                 log(f"CPU threads {have} -> {want}: other processes used {others:.1f} of "
                     f"{self.share.n_cores} cores over the last {CHECK_SECONDS:g}+ s")
 
         def on_train_end(self, args, state, control, **kw):
-            torch.set_num_threads(self.initial)  # the process (the app, its chat) gets its threads back
+            torch.set_num_threads(self.initial)
 
-    return AdaptiveThreads()
+    return Threads()

@@ -60,13 +60,13 @@ LOGITS_BYTES_PER_ELEMENT = 12
 CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + kernels of torch and bitsandbytes (outside torch's allocator)
 ALLOCATOR_SLACK = 0.10  # caching-allocator reserve beyond live tensors, as a share of activations + logits
 HEADROOM = 0.25  # a plan keeps the estimate at most 1/(1+0.25) = 80% of the usable memory
+CALIBRATION_CLAMP = (0.8, 1.5)
 
 
 def fits(total_bytes: int, usable_bytes: int, headroom: float = HEADROOM) -> bool:
     """Whether a peak of ``total_bytes`` fits in ``usable_bytes`` with ``headroom`` to spare: the one rule
     the recommendation, the plan and the what-if panel use."""
     return total_bytes * (1 + headroom) <= usable_bytes
-CALIBRATION_CLAMP = (0.8, 1.5)
 
 
 # ------------------------------------------------------------------ the result

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from .catalog import CATALOG, GATED_NOTE, Architecture
-from .estimator import HEADROOM, GiB, fits, MemoryBreakdown, _gib, calibration_summary, estimate
+from .estimator import HEADROOM, GiB, MemoryBreakdown, _gib, calibration_summary, estimate, fits
 
 
 @dataclass

@@ -233,6 +233,7 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
     from transformers import PrinterCallback, set_seed
 
     from .batching import pack_sequences, studio_trainer_class
+    from .cpu_share import threads_callback
     from .compat import keep_4bit_weights_trainable
     from .diagnose import Diagnoser, settings_view
     from .golden import golden_callback
@@ -284,8 +285,8 @@ def train(run: RunFolder, cfg: TrainConfig, stored: dict, stop_event: threading.
     trainer = studio_trainer_class()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                                      data_collator=_collator(plan, tokenizer, model), processing_class=tokenizer,
                                      callbacks=[callback, *([golden] if golden else []), *extra_callbacks])
-    if plan.device == "cpu":
-        _cpu_threads(trainer, plan, log)
+    if plan.device == "cpu":  # a configured count, or threads that follow the cores other processes leave free
+        trainer.add_callback(threads_callback(log, plan.cpu_threads))
     trainer.packed = plan.batching == "packed"
     trainer.labelled_logits = plan.logits == "labelled"
     trainer.remove_callback(PrinterCallback)  # our callback logs; the printer would echo raw dicts
@@ -314,19 +315,6 @@ def _log_sequences(schedule: dict, n_examples: int, plan: RunPlan, cfg: TrainCon
         f"tokens ({n_examples / n_seq:.1f} examples each): {steps} optimizer steps per epoch instead of "
         f"{math.ceil(n_examples / plan.effective_batch)}, about {n_examples / steps:.1f} examples per step instead "
         f"of {plan.effective_batch}, at the same learning rate {cfg.learning_rate:g}")
-
-
-def _cpu_threads(trainer, plan: RunPlan, log) -> None:
-    """A configured thread count, or threads that follow the cores other processes leave free."""
-    import torch
-
-    from .cpu_share import adaptive_threads_callback
-
-    if plan.cpu_threads:
-        torch.set_num_threads(plan.cpu_threads)
-        log(f"CPU threads: {plan.cpu_threads} (as configured)")
-    else:
-        trainer.add_callback(adaptive_threads_callback(log))
 
 
 def _resume_point(run: RunFolder, world, diagnoser, log) -> str:

@@ -278,9 +278,13 @@ def test_sequences_hold_whole_examples_apart_and_no_longer_than_the_limit():
 def test_a_run_counting_sequences_takes_fewer_bigger_steps_and_says_so(studio_home, tiny_llama, tmp_path):
     data = _varied_data(tmp_path / "varied.jsonl", n=24)
     cfg = TrainConfig(model=str(tiny_llama), data=str(data), epochs=1, batch_size=2, max_seq_len=256,
-                      eval_fraction=0.0, quant="nf4", batch_unit="sequences", save_steps=10**6)
+                      eval_fraction=0.0, quant="nf4", batch_unit="sequences", save_steps=10**6, cpu_threads=1)
+    import torch
+
+    before = torch.get_num_threads()
     run = prepare_run(cfg)
     assert run_training(run)["state"] == "completed"
+    assert torch.get_num_threads() == before  # a configured count holds while training only
     doc = run.plan()
     sched, plan = doc["schedule"], doc["plan"]
     examples = _tokens_of(tiny_llama, data)
@@ -293,6 +297,7 @@ def test_a_run_counting_sequences_takes_fewer_bigger_steps_and_says_so(studio_ho
     assert len(steps) == sched["steps_per_epoch"]
     assert run.summary()["non_pad_tokens"] == sum(len(x) for x in examples)
     text = (run.path / "train.log").read_text()
+    assert "CPU threads: 1 (as configured)" in text
     assert f"batch unit sequences: {n} examples packed into {sched['train_examples']} sequences of up to 256" in text
 
 
