@@ -149,6 +149,10 @@ class TrainConfig:
         None, "where the LM head and the loss are computed: labelled (only positions whose next token is trained; "
         "the same loss) or all", "choice", choices=("labelled", "all"), auto=True,
         auto_help="labelled where the model takes a mask of positions", group="speed")
+    dropout_masks: str | None = setting(
+        None, "how LoRA dropout draws its masks: 16bit (16-bit random numbers, four per draw; the probability "
+        "rounded to 1/65536) or torch (torch's own dropout)", "choice", choices=("16bit", "torch"), auto=True,
+        auto_help="16bit on the CPU, torch on a GPU", group="speed")
     cpu_threads: int | None = setting(
         None, "torch threads when training on the CPU", "int", auto=True, minimum=1, maximum=1024,
         auto_help="one per core that other processes leave free, checked between steps", group="speed")

@@ -151,6 +151,8 @@ class RunPlan:
     # where the LM head and the loss are computed: "labelled" (only positions whose next token is trained;
     # decided once the model is loaded, `batching.labelled_logits_supported`) or "all"
     logits: str = "all"
+    # how LoRA dropout draws its masks: "16bit" (`dropout.Dropout16`) or "torch" (peft's nn.Dropout)
+    dropout_masks: str = "torch"
     # torch threads on the CPU: a number as configured, or None: one per core other processes leave free,
     # checked between steps (`cpu_share`)
     cpu_threads: int | None = None
@@ -206,6 +208,9 @@ class RunPlan:
                + (f" -- {r['logits']}" if r.get("logits") else "")]
         if self.sequences:
             out.insert(5, f"batch unit: sequences -- {r.get('batch_unit', '')}")
+        if self.lora_dropout > 0:
+            out.append(f"dropout masks: {self.dropout_masks}"
+                       + (f" -- {r['dropout_masks']}" if r.get("dropout_masks") else ""))
         if self.device == "cpu":
             out.append(f"CPU threads: {self.cpu_threads or 'adaptive'}"
                        + (f" -- {r['cpu_threads']}" if r.get("cpu_threads") else ""))
@@ -368,6 +373,12 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
                                  "more examples per step and fewer steps than counting examples; the learning rate "
                                  f"stays {config.learning_rate:g} (not scaled up for the bigger steps). How many "
                                  "examples a step holds is known once the data is tokenized")
+    dropout_masks = config.dropout_masks or ("16bit" if device == "cpu" else "torch")
+    if config.dropout_masks is None and config.lora_dropout > 0:
+        reasons["dropout_masks"] = (
+            "16-bit random numbers, four per draw from torch's generator (the probability rounded to 1/65536): "
+            "torch draws a CPU mask one element at a time (one epoch of the demo trained 1.1x faster)" if device == "cpu"
+            else "torch's fused dropout kernel on the GPU")
     if device == "cpu" and config.cpu_threads is None:
         reasons["cpu_threads"] = ("one per core that other processes leave free, checked between steps (beside one busy "
                                   "process on 2 cores, one thread trained 2.1x faster than two)")
@@ -377,7 +388,7 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
                    lora_dropout=config.lora_dropout, batch_size=config.batch_size, grad_accum=config.grad_accum,
                    max_seq_len=config.max_seq_len, batching=batching, attention=attention,
                    gradient_checkpointing=True, optimizer=optimizer, reasons=reasons, logits=logits,
-                   cpu_threads=config.cpu_threads, batch_unit=config.batch_unit)
+                   cpu_threads=config.cpu_threads, batch_unit=config.batch_unit, dropout_masks=dropout_masks)
     plan.gradient_checkpointing, why = _checkpointing(config, plan, architecture, machine)
     if why:
         reasons["gradient_checkpointing"] = why

@@ -220,6 +220,10 @@ def _add_adapters(model, cfg: TrainConfig, plan: RunPlan, resume: bool, log):
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=plan.rank, lora_alpha=plan.alpha, target_modules=plan.targets,
                                              lora_dropout=plan.lora_dropout, bias="none", task_type="CAUSAL_LM"))
+    if plan.dropout_masks == "16bit" and plan.lora_dropout > 0:
+        from .dropout import use_16bit_masks
+
+        log(f"LoRA dropout: 16-bit masks in {use_16bit_masks(model)} layers ({plan.reasons.get('dropout_masks') or 'as configured'})")
     if cfg.init_adapter and not resume:
         load_init_adapter(model, cfg.init_adapter, log)
     return model

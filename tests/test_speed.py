@@ -123,7 +123,8 @@ def test_checkpointing_is_automatic_on_the_cpu_and_stays_on_for_a_gpu(tiny_llama
 
 
 def test_speed_settings_are_validated():
-    for bad in ({"batching": "sorted"}, {"attention": "flash"}, {"gradient_checkpointing": "maybe"}):
+    for bad in ({"batching": "sorted"}, {"attention": "flash"}, {"gradient_checkpointing": "maybe"},
+                {"dropout_masks": "8bit"}):
         with pytest.raises(ConfigError) as e:
             TrainConfig.from_dict({"data": "x.jsonl", **bad})
         assert next(iter(bad)) in str(e.value)
@@ -306,3 +307,67 @@ def _tokens_of(model_path, data):
     from qlora_studio.loading import load_tokenizer
 
     return prepare_dataset(data, load_tokenizer(model_path), 256, eval_fraction=0.0).train["input_ids"]
+
+
+# ------------------------------------------------------------------ LoRA dropout masks
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_16bit_dropout_masks_drop_at_the_rate_asked_each_element_alone_and_keep_the_expectation(p):
+    import torch
+
+    from qlora_studio.dropout import Dropout16
+
+    drop = Dropout16(p).train()
+    assert abs(drop.p - p) <= 0.5 / 65536
+    torch.manual_seed(0)
+    x = torch.ones(400, 1000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    n = kept.numel()
+    rate = 1 - kept.float().mean().item()
+    assert abs(rate - p) < 4 * (p * (1 - p) / n) ** 0.5  # within 4 standard errors of p
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - drop.p)))
+    assert y.mean().item() == pytest.approx(1.0, abs=4 * (p / (1 - p) / n) ** 0.5)  # expected output = input
+    # neighbours are independent: the four numbers of one 64-bit draw are not dropped together
+    pairs = (~kept[:, ::2]) & (~kept[:, 1::2])
+    assert pairs.float().mean().item() == pytest.approx(p * p, abs=4 * (p * p / (n / 2)) ** 0.5)
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(x.grad != 0, kept) and torch.allclose(x.grad[kept], torch.full_like(y[kept], 2 / (1 - drop.p)))
+    # the same seed gives the same mask; evaluation and p = 0 leave the input as it is
+    torch.manual_seed(0)
+    assert torch.equal(drop(torch.ones(400, 1000)) != 0, kept)
+    assert drop.eval()(x) is x and Dropout16(0.0).train()(x) is x
+    with pytest.raises(ValueError):
+        Dropout16(1.0)
+
+
+def test_a_cpu_run_uses_16bit_dropout_masks_learns_as_with_torchs_and_repeats_itself(studio_home, tiny_llama, tmp_path):
+    from qlora_studio.catalog import load_architecture
+
+    arch = load_architecture(tiny_llama)
+    cpu = Machine("cpu", ram_available_bytes=8 * 2**30)
+    plan = plan_run(TrainConfig(model=str(tiny_llama), data="x.jsonl"), cpu, arch)
+    assert plan.dropout_masks == "16bit" and "one element at a time" in plan.reasons["dropout_masks"]
+    assert any(line.startswith("dropout masks: 16bit -- ") for line in plan.lines())
+    gpu = Machine("cuda", "RTX 3060", (8, 6), 12 * 2**30, 12 * 2**30)
+    assert plan_run(TrainConfig(model=str(tiny_llama), data="x.jsonl"), gpu, arch).dropout_masks == "torch"
+    no_dropout = plan_run(TrainConfig(model=str(tiny_llama), data="x.jsonl", lora_dropout=0.0), cpu, arch)
+    assert not any(line.startswith("dropout masks") for line in no_dropout.lines())
+
+    data = _varied_data(tmp_path / "varied.jsonl", n=16)
+    losses = {}
+    for name, masks in (("a", None), ("b", None), ("torch", "torch")):
+        cfg = TrainConfig(model=str(tiny_llama), data=str(data), epochs=1, batch_size=4, learning_rate=3e-3,
+                          max_seq_len=256, eval_fraction=0.0, quant="nf4", lora_dropout=0.3, dropout_masks=masks,
+                          name=f"drop-{name}", save_steps=10**6)
+        run = prepare_run(cfg)
+        assert run_training(run)["state"] == "completed"
+        log = (run.path / "train.log").read_text()
+        assert ("LoRA dropout: 16-bit masks in 14 layers" in log) == (masks is None)  # 2 layers x 7 linear
+        assert run.plan()["plan"]["dropout_masks"] == (masks or "16bit")
+        losses[name] = [r["loss"] for r in run.metrics() if r["type"] == "train"]
+    assert losses["a"] == losses["b"]  # the seed decides the masks
+    assert losses["a"] != losses["torch"]  # other masks ...
+    for a, b in zip(losses["a"], losses["torch"]):  # ... the same learning
+        assert a == pytest.approx(b, rel=0.05)
