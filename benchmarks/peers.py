@@ -32,7 +32,7 @@ examples over 511 tokens dropped) and ``lf-nopack`` (its default: padded to the 
 long example loses prompt and answer in proportion), template ``smollm2``. A packed step of the peers
 holds up to 4 x 512 tokens, so it holds several times more examples than ours or lf-nopack (4 a step)
 and their epoch has that many times fewer optimizer steps (``ours-seq``: ours with ``batch_unit:
-sequences``, the same step). The table's examples/step column says how many. Attention: each system's own CPU choice (ours eager, the peers SDPA).
+sequences``, the same step). The table's examples/step column says how many. Attention: each system's own CPU choice (ours SDPA per packed example, the peers SDPA).
 
 Data: ``throughput.make_data(kind="alpaca")``, long-tailed rows, only the outputs trained. Every system
 renders them with SmolLM2's chat template and its default system prompt (given to LLaMA-Factory per

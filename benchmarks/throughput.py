@@ -5,6 +5,7 @@
     python benchmarks/throughput.py --data alpaca --only "ours, LM head everywhere" ours   # prompts masked
     python benchmarks/throughput.py --busy --only "ours, threads fixed" ours   # beside a busy process
     python benchmarks/throughput.py --data alpaca --only "ours, dropout masks from torch" ours
+    python benchmarks/throughput.py --data alpaca --only "ours, eager attention" ours
     python benchmarks/throughput.py --from-config qwen2.5-0.5b --examples 512   # a model built from its config
                                                                                # (random weights; for CUDA)
 
@@ -54,7 +55,8 @@ CONFIGS = {
     "+ no gradient checkpointing": ("ours", dict(BASE_OURS, gradient_checkpointing=False)),
     "+ LM head at trained positions": ("ours", dict(BASE_OURS, logits="labelled")),  # --data alpaca: prompts masked
     "ours, LM head everywhere": ("ours", {"logits": "all"}),
-    "ours, SDPA attention": ("ours", {"attention": "sdpa"}),
+    "ours, SDPA attention": ("ours", {"attention": "sdpa"}),  # SDPA over whole packed rows, with a mask
+    "ours, eager attention": ("ours", {"attention": "eager"}),  # against SDPA per packed example
     "ours, dropout masks from torch": ("ours", {"dropout_masks": "torch"}),  # against 16-bit masks
     "ours, threads fixed": ("ours", {"cpu_threads": os.cpu_count()}),  # --busy: against the adaptive count
     "ours, batch counts sequences": ("ours", {"batch_unit": "sequences"}),  # the peers' bigger packed steps

@@ -57,17 +57,19 @@ class PackedBatches:
     from the longest example up to the whole batch (doubling), examples are placed first-fit, longest
     first, and the layout with the lowest ``rows x width x (1 + width / attention_span)`` wins.
     ``attention_span`` is the row length at which attention costs as much per token as the rest of the
-    model: about 2.2 x hidden size measured on the CPU (eager attention, bf16; one 750-token row of
+    model (None: attention runs per example, so the whole batch goes in one row): about 2.2 x hidden size measured on the CPU (eager attention, bf16; one 750-token row of
     eight SQL examples ran 9% slower than padding them), 6 x hidden size by counting FLOPs for a GPU.
     The end of a shorter row is filled with pad tokens forming a sequence of their own, with no labels;
     ``attention_mask`` marks the real tokens for counting only (`StudioTrainer` takes it out before
     the model sees it, so the packed positions decide the attention)."""
 
-    def __init__(self, pad_id: int, attention_span: float):
+    def __init__(self, pad_id: int, attention_span: float | None):
         self.pad_id = pad_id
         self.attention_span = attention_span
 
     def rows(self, lengths: list[int]) -> list[list[int]]:
+        if self.attention_span is None:  # attention per example (`attention.packed_sdpa_forward`): one row
+            return [list(range(len(lengths)))]
         total, cap = sum(lengths), max(lengths)
         best = None
         while True:

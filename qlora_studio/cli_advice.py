@@ -85,6 +85,8 @@ def cmd_recommend(args) -> int:
 
 
 def add_plan_verbs(sub) -> None:
+    from .estimator import ATTENTIONS, METHODS, OPTIMIZERS, QUANTS
+
     p = sub.add_parser("gpu", help="show the NVIDIA GPUs (or the CPU) this machine offers")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_gpu)
@@ -92,8 +94,8 @@ def add_plan_verbs(sub) -> None:
     p = sub.add_parser("estimate", help="estimate peak training memory of a model, item by item")
     p.add_argument("--model", required=True,
                    help="catalog name (Qwen2.5-7B), Hub id in the catalog, model folder or config.json")
-    p.add_argument("--method", choices=["qlora", "lora", "full"], default="qlora")
-    p.add_argument("--quant", choices=["nf4", "fp4", "none"], default=None,
+    p.add_argument("--method", choices=METHODS, default="qlora")
+    p.add_argument("--quant", choices=QUANTS, default=None,
                    help="base weights storage (default: nf4 for qlora, none for lora/full)")
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize the 4-bit scales too (default: on)")
@@ -104,8 +106,8 @@ def add_plan_verbs(sub) -> None:
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (padded)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in backward (default: on)")
-    p.add_argument("--optimizer", choices=["paged_adamw_8bit", "adamw_8bit", "adamw_torch"], default="paged_adamw_8bit")
-    p.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="paged_adamw_8bit")
+    p.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
     p.add_argument("--gpus", type=int, default=1, help="processes, one per GPU: the memory of each (default 1)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="with --gpus: a replica per GPU (ddp) or the model sharded (fsdp)")

@@ -143,8 +143,10 @@ class TrainConfig:
         None, "how a step's examples become a batch: packed (no padding), grouped by length, or padded", "choice",
         choices=("packed", "grouped", "padded"), auto=True,
         auto_help="packed where the model's attention keeps examples apart, else grouped", group="speed")
-    attention: str | None = setting(None, "attention implementation", "choice", choices=("sdpa", "eager"), auto=True,
-                                    auto_help="eager on the CPU, sdpa on a GPU", group="speed")
+    attention: str | None = setting(
+        None, "attention implementation: packed_sdpa (SDPA on each packed example alone), sdpa, or eager", "choice",
+        choices=("packed_sdpa", "sdpa", "eager"), auto=True,
+        auto_help="packed_sdpa on the CPU with packed batches, else eager; sdpa on a GPU", group="speed")
     logits: str | None = setting(
         None, "where the LM head and the loss are computed: labelled (only positions whose next token is trained; "
         "the same loss) or all", "choice", choices=("labelled", "all"), auto=True,

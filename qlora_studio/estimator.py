@@ -38,7 +38,7 @@ BREAKDOWN_KEYS = ("weights", "adapters", "optimizer", "gradients", "activations"
 METHODS = ("qlora", "lora", "full")
 QUANTS = ("nf4", "fp4", "none")
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_torch")
-ATTENTIONS = ("sdpa", "eager")
+ATTENTIONS = ("sdpa", "eager", "packed_sdpa")
 TARGETS = ("attention", "all")
 COMPUTE_DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -213,11 +213,13 @@ def layer_activation_bytes_per_token(
     kv_kept = q if expand_kv else kv
     total += c * q + c * kv_kept  # q, k after RoPE
     total += c * (q + 2 * kv) if (arch.fused_qkv and not expand_kv) else c * kv_kept  # v (a view of qkv_proj's output for Phi-3)
-    if attention == "sdpa":
+    if attention in ("sdpa", "packed_sdpa"):
         total += c * q  # the attention output: SDPA keeps it for backward (o_proj reads the same tensor)
         total += 4 * nh  # log-sum-exp per head (fp32)
         if padded:
             total += c * seq  # the boolean padding mask becomes a float bias kept by each layer: b x s x s
+        if attention == "packed_sdpa" and (full or "o_proj" in adapted):
+            total += c * q  # SDPA keeps each example's output; o_proj reads their joined copy
     else:
         # eager: softmax probabilities in fp32 and their compute-dtype copy, b x heads x s x s
         total += (4 + c) * nh * seq
@@ -309,7 +311,7 @@ def estimate(
     counts = arch.param_counts()
     L, h, V = arch.num_layers, arch.hidden_size, arch.vocab_size
     tokens = batch * seq
-    padded = batch > 1  # a batch of several sequences carries a padding mask
+    padded = batch > 1 and attention != "packed_sdpa"  # a padded batch carries a mask; packed rows need none
 
     # ---- weights
     if full:
@@ -377,7 +379,7 @@ def estimate(
     transient = layer_backward_transient_per_token(arch, c=c, hb=hb)
     final_norm = 4 * h + hb * h  # the final RMSNorm's fp32 input and output
     rope = 2 * c * arch.head_dim  # cos and sin, shared by every layer
-    shared_mask = (seq if attention == "sdpa" else c * seq) if padded else 0  # b x s x s mask, shared
+    shared_mask = (seq if attention != "eager" else c * seq) if padded else 0  # b x s x s mask, shared
     logits_per_token = logits_bytes_per_element(arch, c) * V
     if grad_checkpointing:
         kept = L * hb * h  # each layer's input, saved by its checkpoint
@@ -401,7 +403,9 @@ def estimate(
     else:
         assumptions.append(
             f"no gradient checkpointing: every layer keeps its activations ({per_layer / 1024:.0f} KiB per token per layer)")
-    if attention == "sdpa":
+    if attention == "packed_sdpa":
+        assumptions.append("packed_sdpa: SDPA run on each packed example (no mask, no seq x seq scores kept)")
+    elif attention == "sdpa":
         assumptions.append("SDPA attention (flash / memory-efficient kernels): no seq x seq scores kept")
     else:
         assumptions.append(

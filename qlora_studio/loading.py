@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .attention import NAME as PACKED_ATTENTION, register as register_packed_attention
 from .compat import import_training_stack
 from .plan import torch_dtype
 
@@ -31,6 +32,8 @@ def load_base_model(path: str | Path, quant: str, precision: str, device: str, d
     kwargs = {"dtype": torch_dtype(quant_storage) if quant_storage else dtype, "trust_remote_code": trust_remote_code}
     if attention:
         kwargs["attn_implementation"] = attention
+        if attention == PACKED_ATTENTION:
+            register_packed_attention()
     if quant in ("nf4", "fp4"):
         # Explicit on purpose: BitsAndBytesConfig defaults to FP4, no double quant, fp32 compute.
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .attention import NAME as PACKED_ATTENTION
 from .config import TrainConfig
 from .errors import ConfigError
 
@@ -25,9 +26,9 @@ MLP_MODULES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2"
                "dense_h_to_4h", "dense_4h_to_h", "c_proj"}
 # Tasks that change the output format or need reasoning benefit from adapting the MLPs too.
 FORMAT_TASKS = {"sql", "code", "json", "reasoning", "math", "format"}
-# benchmarks/throughput.py measured both on the CPU (bf16 autocast, the embedded model): eager attention
-# was faster there (the CPU's fused SDPA kernel is slow in its backward pass); on CUDA SDPA wins.
-AUTO_ATTENTION = {"cpu": "eager", "cuda": "sdpa"}
+# Measured on the CPU, the embedded model in fp32, batches of 4 alpaca examples (benchmarks/throughput.py).
+PACKED_WHY = ("SDPA on each packed example alone, so no attention work across examples (one epoch of alpaca-like "
+              "data trained 1.25x faster than with eager attention over whole rows)")
 AUTO_OPTIMIZER = {"cpu": "adamw_torch", "cuda": "paged_adamw_8bit"}
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -143,7 +144,7 @@ class RunPlan:
     grad_accum: int
     max_seq_len: int
     batching: str  # packed | grouped | padded
-    attention: str  # sdpa | eager
+    attention: str  # packed_sdpa | sdpa | eager
     gradient_checkpointing: bool
     optimizer: str
     memory: dict | None = None  # estimate_bytes (per GPU), breakdown, available_bytes, fits, where, per_gpu
@@ -283,6 +284,24 @@ def auto_lora(config: TrainConfig, module_names: list[str], attention_names: set
     return rank, alpha, sorted(targets), "; ".join(why)
 
 
+def _attention(config: TrainConfig, device: str, architecture, batching: str) -> tuple[str, str | None]:
+    """The attention implementation and why. On the CPU with packed batches, `attention.packed_sdpa_forward`
+    runs SDPA on each packed example alone; eager attention otherwise (measured faster than SDPA on the CPU
+    under bf16, and equal within noise in fp32: benchmarks/throughput.py). Gemma-2 keeps eager: its
+    soft-capping has no SDPA path in transformers. A model the catalog cannot describe keeps eager too (its
+    own code may not take an attention implementation). On a GPU, SDPA."""
+    if config.attention:
+        return config.attention, None
+    if device == "cuda":
+        return "sdpa", "fused SDPA kernels on the GPU"
+    if architecture is None or architecture.model_type == "gemma2":
+        return "eager", ("Gemma-2's soft-capping has no SDPA path" if architecture is not None
+                         else "the model's config cannot be read: the attention every model has")
+    if batching != "packed":
+        return "eager", "padded batches: eager was measured fastest on the CPU"
+    return PACKED_ATTENTION, PACKED_WHY
+
+
 def _estimate(plan: RunPlan, arch, machine: Machine, grad_checkpointing: bool, calibrated: bool = False):
     from .estimator import estimate
 
@@ -354,14 +373,13 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
     if config.optimizer is None:
         reasons["optimizer"] = ("paged 8-bit AdamW: small states that can spill to RAM" if device == "cuda"
                                 else "32-bit AdamW (bitsandbytes' 8-bit optimizers need a GPU)")
-    attention = config.attention or AUTO_ATTENTION[device]
-    if config.attention is None:
-        reasons["attention"] = ("fastest measured on the CPU (the fused SDPA backward is slow there)"
-                                if device == "cpu" else "fused SDPA kernels on the GPU")
     batching = config.batching or "packed"
     if config.batching is None:
         reasons["batching"] = ("no padding: examples packed into rows, used where the model's attention keeps them "
                                "apart (checked when it loads; otherwise padded and grouped by length)")
+    attention, why = _attention(config, device, architecture, batching)
+    if why:
+        reasons["attention"] = why
     logits = config.logits or "labelled"
     if config.logits is None:
         reasons["logits"] = ("only at trained positions (prompt and padding skipped; the same loss), where the "

@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .attention import NAME as PACKED_ATTENTION
 from .callback import StopDuringEvaluation, callback_class, log_finding, peak_memory_mb
 from .config import TrainConfig
 from .errors import StudioError, TrainingError
@@ -207,6 +208,8 @@ def _collator(plan: RunPlan, tokenizer, model):
     if plan.batching != "packed":
         return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if plan.attention == PACKED_ATTENTION:  # attention per example: a longer row costs nothing more
+        return PackedBatches(pad_id, attention_span=None)
     hidden = getattr(model.config, "hidden_size", None) or 1024
     return PackedBatches(pad_id, attention_span=(2.2 if plan.device == "cpu" else 6.0) * hidden)
 

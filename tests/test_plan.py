@@ -100,11 +100,29 @@ def test_the_plan_the_card_and_the_estimator_agree_on_precision(card, precision)
     assert plan.memory["estimate_bytes"] == again.total_bytes  # the plan's estimate is the estimator's
 
 
+def test_attention_on_the_cpu_is_sdpa_per_packed_example_where_it_applies():
+    cpu = Machine("cpu", ram_available_bytes=16 * GiB)
+    smol = load_architecture("SmolLM2-135M")
+    plan = plan_run(TrainConfig(data="x"), cpu, smol)
+    assert plan.attention == "packed_sdpa" and "each packed example" in plan.reasons["attention"]
+    assert any(line.startswith("attention: packed_sdpa -- SDPA on each packed example") for line in plan.lines())
+    padded = plan_run(TrainConfig(data="x", batching="padded"), cpu, smol)
+    assert padded.attention == "eager" and "padded" in padded.reasons["attention"]
+    gemma2 = plan_run(TrainConfig(data="x"), cpu, load_architecture("Gemma-2-2B"))
+    assert gemma2.attention == "eager" and "soft-capping" in gemma2.reasons["attention"]
+    unknown = plan_run(TrainConfig(data="x"), cpu, None)
+    assert unknown.attention == "eager"
+    chosen = plan_run(TrainConfig(data="x", attention="sdpa"), cpu, smol)
+    assert chosen.attention == "sdpa" and "attention" not in chosen.reasons
+    gpu = plan_run(TrainConfig(data="x"), Machine("cuda", "NVIDIA GeForce RTX 3060", (8, 6), 12 * GiB, 11 * GiB), smol)
+    assert gpu.attention == "sdpa"
+
+
 def test_a_cpu_plan():
     plan = plan_run(TrainConfig(data="x"), Machine("cpu", ram_available_bytes=16 * GiB, cpu_bf16=True),
                     load_architecture("SmolLM2-135M"))
     assert (plan.device, plan.precision, plan.optimizer, plan.attention, plan.batching) == \
-        ("cpu", "bf16", "adamw_torch", "eager", "packed")
+        ("cpu", "bf16", "adamw_torch", "packed_sdpa", "packed")
     avx2 = plan_run(TrainConfig(data="x"), Machine("cpu", ram_available_bytes=16 * GiB), load_architecture("SmolLM2-135M"))
     assert avx2.precision == "fp32" and "no native bf16" in avx2.reasons["precision"]
     assert avx2.memory["estimate_bytes"] > plan.memory["estimate_bytes"]  # fp32 activations are twice as big

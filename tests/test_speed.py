@@ -25,7 +25,7 @@ def _varied_data(path, n=24):
     return path
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "packed_sdpa"])
 def test_packed_rows_keep_examples_apart_in_4bit(tiny_llama, attention):
     model = load_base_model(tiny_llama, "nf4", "bf16", "cpu", attention=attention)
     keep_4bit_weights_trainable(model)
@@ -110,7 +110,7 @@ def test_checkpointing_is_automatic_on_the_cpu_and_stays_on_for_a_gpu(tiny_llama
     cpu = Machine("cpu", ram_available_bytes=available)
     plan = plan_run(cfg, cpu, arch)
     assert plan.gradient_checkpointing is False and "under half" in plan.reasons["gradient_checkpointing"]
-    assert plan.attention == "eager"
+    assert plan.attention == "packed_sdpa"
     huge = TrainConfig(model=str(tiny_llama), data="x.jsonl", batch_size=4096, max_seq_len=65536)
     big = plan_run(huge, cpu, arch)
     assert big.gradient_checkpointing is True and "GiB" in big.reasons["gradient_checkpointing"] and available

@@ -375,13 +375,14 @@ def test_the_speed_settings_on_the_form_and_what_automatic_resolves_to():
         config(gradient_checkpointing="maybe")
     text = resolved_yaml(settings, "assets/sql/train.jsonl", "", *_form_values())
     plan = yaml.safe_load(text)["plan"]
-    # this machine has no GPU: eager attention, and checkpointing off because the demo fits in RAM
+    # this machine has no GPU: SDPA per packed example, and checkpointing off because the demo fits in RAM
     from qlora_studio.hardware import cpu_has_bf16
 
     assert plan["device"] == "cpu" and plan["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
-    assert plan["attention"] == "eager"
+    assert plan["attention"] == "packed_sdpa"
     assert plan["gradient_checkpointing"] is False and plan["batching"] == "packed"
-    assert "# gradient checkpointing: off -- about" in text and "# attention: eager -- fastest measured" in text
+    assert "# gradient checkpointing: off -- about" in text
+    assert "# attention: packed_sdpa -- SDPA on each packed example alone" in text
     off_gb = float(plan["estimated_peak"].split()[0])
     on = yaml.safe_load(resolved_yaml(settings, "assets/sql/train.jsonl", "",
                                       *_form_values(gradient_checkpointing="on")))["plan"]
