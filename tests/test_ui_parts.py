@@ -186,17 +186,26 @@ def test_a_page_watching_a_cpu_run_polls_and_redraws_less_often(tmp_path, monkey
     status = {"state": "running", "phase": "training", "pid": trainer.pid, "host": socket.gethostname(),
               "step": 1, "total_steps": 100, "started_at": time.time()}
     (run / "status.json").write_text(json.dumps(status))
-    _append(run / "metrics.jsonl", [{"type": "train", "step": 1, "time": time.time(), "loss": 1.0, "tokens": 10}])
+    (run / "metrics.jsonl").write_text("")
 
     try:
         out = train.poll(str(run), {})
         assert set(out) <= set(train.LIVE_OUTPUTS)
         assert out["timer"].value == train.POLL_CPU_S  # the page is told to ask less often, and says so
         assert f"refreshes every {train.POLL_CPU_S:.0f} s" in out["progress"]
-        assert out["loss"] is not None  # the first curves are drawn at once ...
+        assert out["loss"] is not None  # the first curves are drawn at once, empty ...
+        _append(run / "metrics.jsonl", [{"type": "train", "step": 1, "time": time.time(), "loss": 1.0, "tokens": 10}])
+        out = train.poll(str(run), out["seen"])
+        assert "loss" in out  # ... again as soon as the first step is logged ...
         _append(run / "metrics.jsonl", [{"type": "train", "step": 2, "time": time.time(), "loss": 0.9, "tokens": 20}])
         again = train.poll(str(run), out["seen"])
-        assert "loss" not in again and "progress" in again  # ... the next only PLOT_EVERY_CPU_S later
+        assert "loss" not in again and "progress" in again  # ... the next only PLOT_EVERY_CPU_S later ...
+        _append(run / "metrics.jsonl", [{"type": "eval", "step": 2, "time": time.time(), "eval_loss": 0.95}])
+        again = train.poll(str(run), again["seen"])
+        assert "loss" in again  # ... but the first evaluation at once
+        _append(run / "metrics.jsonl", [{"type": "train", "step": 3, "time": time.time(), "loss": 0.8, "tokens": 30}])
+        again = train.poll(str(run), again["seen"])
+        assert "loss" not in again
     finally:
         trainer.kill()
         trainer.wait()

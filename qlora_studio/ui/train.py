@@ -174,16 +174,19 @@ def _watched_path(watched) -> str | None:
 
 
 def _figures(out: dict, seen: dict, view, state, plan_doc: dict) -> None:
-    """The curves, when new points arrived and a redraw is due (less often while a CPU run trains)."""
+    """The curves, when new points arrived and a redraw is due (less often while a CPU run trains; at once
+    when the first training loss or the first evaluation arrives, so a run never looks empty for a minute)."""
     estimate_mb = view.estimate_mb(plan_doc)
     key = [view.version, estimate_mb]
     every = PLOT_EVERY_CPU_S if _trains_on_cpu(state, plan_doc) else PLOT_EVERY_S
-    due = state != "running" or time.time() - seen.get("fig_at", 0) >= every or not seen.get("fig")
+    firsts = [len(view.loss) > 0, len(view.eval_loss) > 0]
+    due = (state != "running" or time.time() - seen.get("fig_at", 0) >= every or not seen.get("fig")
+           or seen.get("fig_firsts") != firsts)
     if seen.get("fig") != key and due:
         seen["fig_at"] = time.time()
         loss_json, dyn_json = view.figures(estimate_mb)
         out["loss"], out["dynamics"] = PlotData(type="plotly", plot=loss_json), PlotData(type="plotly", plot=dyn_json)
-        seen["fig"] = key
+        seen["fig"], seen["fig_firsts"] = key, firsts
 
 
 def _findings(out: dict, seen: dict, run: RunFolder, status: dict) -> None:
