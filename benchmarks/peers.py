@@ -75,7 +75,10 @@ KEY_PACKAGES = ("qlora-studio", "trl", "llamafactory", "transformers", "peft", "
                 "bitsandbytes", "tokenizers", "huggingface_hub")
 LF_DEPS = ["transformers==5.6.0", "peft==0.18.1", "trl==0.24.0", "accelerate==1.11.0", "datasets==4.0.0",
            "tyro<0.9.0", "omegaconf", "fire", "einops", "sentencepiece", "tiktoken", "protobuf", "pydantic",
-           "pyyaml", "scipy", "pandas", "torchaudio"]  # torchaudio: imported by its data module
+           "pyyaml", "scipy", "pandas", "torchaudio",  # torchaudio: imported by its data module
+           "kernels==0.11.1"]  # ours (a dependency of newer transformers) is seen through the system site-packages:
+# kernels >= 0.12 refuses transformers 5.6's hub-kernel table at import ("Either a revision or a version must be
+# specified"), so the venv gets the newest release that takes it (checked with kernels 0.19.1 ours)
 PEERS = {  # venv name: (version, pip install argument lists, run one after the other)
     "trl": ("1.16.0", [["trl[peft]==1.16.0"]]),
     "llamafactory": ("0.9.5", [["--no-deps", "llamafactory==0.9.5"], LF_DEPS]),
