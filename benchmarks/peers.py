@@ -19,12 +19,16 @@ pure-Python fallback. Each venv's ``pip freeze --local`` and the key versions as
 The recipe, for all: the embedded SmolLM2-135M-Instruct, NF4 + double quant, LoRA r=16 alpha=32
 dropout 0.05 on every linear layer, lr 2e-4 cosine, warm-up 5%, 1 epoch, batch 4, max length 512,
 seed 42, AdamW (torch), no evaluation, no checkpoint, gradient checkpointing off. Ours as shipped
-(every speed setting automatic; fp32 on a CPU without native bf16). ``--peer-dtype fp32`` (default)
-gives the peers fp32 compute too: TRL ``bf16=False``, ``dtype=float32``, compute dtype fp32, and its
+(every speed setting automatic: bf16 autocast on a CPU with native bf16, fp32 elsewhere,
+`plan.precision_for`). ``--peer-dtype ours`` (default) gives the peers the compute dtype ours plans on
+this machine: ``bf16`` there (TRL's documented QLoRA defaults, bf16 compute and autocast, its LoRA
+weights cast back to fp32 as ours keeps them; LLaMA-Factory ``bf16: true`` on the checkpoint as
+shipped), ``fp32`` elsewhere: TRL ``bf16=False``, ``dtype=float32``, compute dtype fp32, and its
 LoRA weights, which it casts to bf16 for a 4-bit model (not a setting), cast back to fp32 before the
 optimizer exists; LLaMA-Factory ``bf16: false`` (fp32 4-bit compute on a CPU), but it loads the
 checkpoint's own dtype (bf16; no setting), so it gets the model folder with config.json saying
-float32. ``--peer-dtype default`` leaves both as they ship (TRL: bf16 autocast, compute and LoRA).
+float32. ``--peer-dtype default`` leaves both as they ship (TRL: bf16 autocast, compute and LoRA;
+LLaMA-Factory: ``bf16: false``, the checkpoint's bf16).
 Batching: TRL ``packing=True`` (best-fit-decreasing rows of <= 512 tokens, padding-free: a batch's 4
 rows flattened into one) on prompt/completion conversations (completion-only loss); LLaMA-Factory
 ``packing: true`` (greedy rows of 512 tokens, padded, examples attending across their boundaries,
@@ -292,7 +296,8 @@ def run_trl(spec: dict) -> dict:
                       task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=data, peft_config=lora,
                          processing_class=AutoTokenizer.from_pretrained(spec["model"]))
-    if fp32:  # TRL casts a 4-bit model's LoRA weights to bf16 (not a setting); back to fp32, as ours keeps them
+    if spec["peer_dtype"] != "default":  # TRL casts a 4-bit model's LoRA weights to bf16 (not a setting);
+        # back to fp32, as ours keeps them
         for p in trainer.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
@@ -312,7 +317,7 @@ def lf_config(spec: dict, packing: bool) -> dict:
                packing=packing, overwrite_cache=True, output_dir=str(Path(spec["out"]) / "adapter"),
                per_device_train_batch_size=r["batch"], gradient_accumulation_steps=1, learning_rate=r["lr"],
                lr_scheduler_type="cosine", warmup_steps=r["warmup"], num_train_epochs=float(r["epochs"]),
-               bf16=False, disable_gradient_checkpointing=True, optim="adamw_torch", logging_steps=1,
+               bf16=spec["peer_dtype"] == "bf16", use_cpu=True, disable_gradient_checkpointing=True, optim="adamw_torch", logging_steps=1,
                save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, seed=r["seed"],
                dataloader_num_workers=0, plot_loss=False, include_num_input_tokens_seen="non_padding")
     if spec["max_steps"]:
@@ -491,8 +496,9 @@ def main() -> int:
     p.add_argument("--budget", type=float, help="seconds of training for the equal-time held-out loss "
                                                 "(default: the shortest median one-epoch time)")
     p.add_argument("--max-steps", type=int, help="cut every run short (smoke test; the rates mean little)")
-    p.add_argument("--peer-dtype", choices=["fp32", "default"], default="fp32",
-                   help="fp32: the peers compute in fp32, as ours does on this CPU; default: as they ship")
+    p.add_argument("--peer-dtype", choices=["ours", "fp32", "bf16", "default"], default="ours",
+                   help="ours: the compute dtype ours plans on this machine (bf16 on a CPU with native bf16, "
+                        "else fp32); default: as they ship")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -511,6 +517,12 @@ def main() -> int:
 
     from qlora_studio.models import embedded_model_path
 
+    if a.peer_dtype == "ours":
+        from qlora_studio.hardware import cpu_has_bf16
+        from qlora_studio.plan import precision_for
+
+        a.peer_dtype = "bf16" if precision_for("cpu", cpu_bf16=cpu_has_bf16()) == "bf16" else "fp32"
+        print(f"peers' compute dtype: {a.peer_dtype}, as ours plans on this CPU", flush=True)
     work = Path(tempfile.mkdtemp(prefix="qlora-peers-"))
     model = str(embedded_model_path())
     data = write_data(work, a)
