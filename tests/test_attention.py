@@ -117,8 +117,9 @@ def test_generation_with_a_cache_and_left_padding_matches_sdpa(tiny_llama):
     assert (scores[NAME] - scores["sdpa"]).abs().max() < 1e-4
 
 
-def test_a_4bit_model_loads_with_it_and_keeps_packed_examples_apart(tiny_llama):
-    model = load_base_model(tiny_llama, "nf4", "fp32", "cpu", attention=NAME)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # the compute dtypes a CPU trains in
+def test_a_4bit_model_loads_with_it_and_keeps_packed_examples_apart(tiny_llama, precision):
+    model = load_base_model(tiny_llama, "nf4", precision, "cpu", attention=NAME)
     assert model.config._attn_implementation == NAME
     ok, why = packing_respected(model)
     assert ok, why
@@ -146,3 +147,4 @@ def test_a_cpu_run_attends_per_example_in_one_row_and_learns_as_with_eager(studi
     losses = {a: [r["loss"] for r in runs[a].metrics() if r["type"] == "train"] for a in runs}
     assert len(losses[None]) == 4
     assert losses[None] == pytest.approx(losses["eager"], rel=1e-3)
+
