@@ -80,9 +80,9 @@ KEY_PACKAGES = ("qlora-studio", "trl", "llamafactory", "transformers", "peft", "
 LF_DEPS = ["transformers==5.6.0", "peft==0.18.1", "trl==0.24.0", "accelerate==1.11.0", "datasets==4.0.0",
            "tyro<0.9.0", "omegaconf", "fire", "einops", "sentencepiece", "tiktoken", "protobuf", "pydantic",
            "pyyaml", "scipy", "pandas", "torchaudio",  # torchaudio: imported by its data module
-           "kernels==0.11.1"]  # ours (a dependency of newer transformers) is seen through the system site-packages:
-# kernels >= 0.12 refuses transformers 5.6's hub-kernel table at import ("Either a revision or a version must be
-# specified"), so the venv gets the newest release that takes it (checked with kernels 0.19.1 ours)
+           "kernels==0.11.1"]  # ours (a dependency of newer transformers) is seen through the system site-packages,
+# and kernels 0.19.1 refuses transformers 5.6's hub-kernel table at import ("Either a revision or a version must
+# be specified"); 0.11.1 takes it (checked), so the venv gets that one
 PEERS = {  # venv name: (version, pip install argument lists, run one after the other)
     "trl": ("1.16.0", [["trl[peft]==1.16.0"]]),
     "llamafactory": ("0.9.5", [["--no-deps", "llamafactory==0.9.5"], LF_DEPS]),
@@ -317,7 +317,8 @@ def lf_config(spec: dict, packing: bool) -> dict:
                packing=packing, overwrite_cache=True, output_dir=str(Path(spec["out"]) / "adapter"),
                per_device_train_batch_size=r["batch"], gradient_accumulation_steps=1, learning_rate=r["lr"],
                lr_scheduler_type="cosine", warmup_steps=r["warmup"], num_train_epochs=float(r["epochs"]),
-               bf16=spec["peer_dtype"] == "bf16", use_cpu=True, disable_gradient_checkpointing=True, optim="adamw_torch", logging_steps=1,
+               bf16=spec["peer_dtype"] == "bf16", use_cpu=True,  # transformers refuses bf16 on a CPU without use_cpu
+               disable_gradient_checkpointing=True, optim="adamw_torch", logging_steps=1,
                save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, seed=r["seed"],
                dataloader_num_workers=0, plot_loss=False, include_num_input_tokens_seen="non_padding")
     if spec["max_steps"]:

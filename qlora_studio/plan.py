@@ -26,7 +26,9 @@ MLP_MODULES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2"
                "dense_h_to_4h", "dense_4h_to_h", "c_proj"}
 # Tasks that change the output format or need reasoning benefit from adapting the MLPs too.
 FORMAT_TASKS = {"sql", "code", "json", "reasoning", "math", "format"}
-# Measured on the CPU, the embedded model in fp32, batches of 4 alpaca examples (benchmarks/throughput.py).
+# Measured on the CPU, the embedded model, batches of 4 alpaca examples (benchmarks/throughput.py, "ours, eager
+# attention"): in fp32 on an AVX2 CPU (five runs each way), under bf16 autocast on an AVX512-BF16 one (two each,
+# within the noise).
 PACKED_WHY = ("SDPA on each packed example alone, so no attention work across examples (one epoch of alpaca-like "
               "data trained 1.25x faster than with eager attention over whole rows in fp32, 1.04x under bf16 "
               "autocast)")
@@ -47,7 +49,7 @@ def precision_for(device: str, compute_capability: tuple[int, int] | None = None
       on Turing, where bf16 is only emulated.
     - CPU: training runs under bf16 autocast where the CPU computes bf16 natively (``cpu_bf16``:
       AVX512-BF16 or AMX, `hardware.cpu_has_bf16`; on a 2-core AVX512-BF16 EPYC, one epoch of 64 alpaca-like
-      rows in NF4 trained at 212-230 non-pad tokens/s against 169-176 in fp32, alternating runs),
+      rows in NF4 trained at 211-230 non-pad tokens/s against 169-176 in fp32, alternating runs),
       in fp32 elsewhere (an AVX2-only CPU emulates bf16: one step took 74 s instead of 5 s in fp32);
       inference (``training=False``: chat, evaluation, merging) in fp32, the CPU's fast and exact path.
     """

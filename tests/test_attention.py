@@ -147,4 +147,3 @@ def test_a_cpu_run_attends_per_example_in_one_row_and_learns_as_with_eager(studi
     losses = {a: [r["loss"] for r in runs[a].metrics() if r["type"] == "train"] for a in runs}
     assert len(losses[None]) == 4
     assert losses[None] == pytest.approx(losses["eager"], rel=1e-3)
-
