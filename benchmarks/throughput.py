@@ -6,6 +6,7 @@
     python benchmarks/throughput.py --busy --only "ours, threads fixed" ours   # beside a busy process
     python benchmarks/throughput.py --data alpaca --only "ours, dropout masks from torch" ours
     python benchmarks/throughput.py --data alpaca --only "ours, eager attention" ours
+    python benchmarks/throughput.py --data alpaca --only "ours, attention in bf16" ours
     python benchmarks/throughput.py --from-config qwen2.5-0.5b --examples 512   # a model built from its config
                                                                                # (random weights; for CUDA)
 
@@ -58,6 +59,7 @@ CONFIGS = {
     "ours, SDPA attention": ("ours", {"attention": "sdpa"}),  # SDPA over whole packed rows, with a mask
     "ours, eager attention": ("ours", {"attention": "eager"}),  # against SDPA per packed example
     "ours, dropout masks from torch": ("ours", {"dropout_masks": "torch"}),  # against 16-bit masks
+    "ours, attention in bf16": ("ours", {"_attention_bf16": True}),  # bf16 CPU: SDPA in bf16, not fp32
     "ours, threads fixed": ("ours", {"cpu_threads": os.cpu_count()}),  # --busy: against the adaptive count
     "ours, batch counts sequences": ("ours", {"batch_unit": "sequences"}),  # the peers' bigger packed steps
     "ours": ("ours", {}),  # as shipped: every setting automatic
@@ -155,6 +157,11 @@ def run_ours(a, data: Path, model_path: Path, overrides: dict) -> dict:
     from qlora_studio.config import TrainConfig
     from qlora_studio.training import prepare_run, run_training
 
+    overrides = dict(overrides)
+    if overrides.pop("_attention_bf16", False):
+        import qlora_studio.attention
+
+        qlora_studio.attention.CPU_FP32 = False
     cfg = TrainConfig(model=str(model_path), data=str(data), data_format=a.data, quant="nf4", rank=LORA["r"],
                       alpha=LORA["alpha"], targets="all", lora_dropout=LORA["dropout"], learning_rate=2e-4,
                       epochs=1, batch_size=a.batch_size, max_seq_len=a.max_seq_len, eval_fraction=0.0,

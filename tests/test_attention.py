@@ -147,3 +147,44 @@ def test_a_cpu_run_attends_per_example_in_one_row_and_learns_as_with_eager(studi
     losses = {a: [r["loss"] for r in runs[a].metrics() if r["type"] == "train"] for a in runs}
     assert len(losses[None]) == 4
     assert losses[None] == pytest.approx(losses["eager"], rel=1e-3)
+
+
+def test_on_the_cpu_16bit_attention_runs_in_fp32_on_both_paths_and_returns_16bit(tiny_llama):
+    """Under CPU bf16 autocast, the per-example path and the plain path (one sequence) hand SDPA fp32
+    queries, keys and values (torch's CPU flash kernel is faster in fp32), return bf16, and give what an
+    fp32 model gives, to bf16's precision; with the switch off SDPA gets bf16."""
+    import qlora_studio.attention as attention
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+
+    class Kernels(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.__name__:
+                seen.append((func.__name__, args[0].dtype))
+            return func(*args, **(kwargs or {}))
+
+    register()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16, attn_implementation=NAME)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="eager")
+    feats = _features(model.config.vocab_size, [9, 14, 5])
+    packed = {k: v for k, v in PackedBatches(pad_id=0, attention_span=None)(feats).items() if k != "attention_mask"}
+    one = {"input_ids": packed["input_ids"][:, :9], "labels": packed["labels"][:, :9]}
+    for batch, calls in ((packed, 3), (one, 1)):
+        for fp32 in (True, False):
+            attention.CPU_FP32, seen[:] = fp32, []
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16), Kernels():
+                    out = model(**batch, use_cache=False)
+                    out.loss.backward()
+            finally:
+                attention.CPU_FP32 = True
+            forward = [dtype for name, dtype in seen if "backward" not in name]
+            assert len(forward) == calls * model.config.num_hidden_layers
+            assert set(forward) == {torch.float32 if fp32 else torch.bfloat16}
+            assert any("backward" in name for name, _ in seen)
+            assert out.logits.dtype == torch.bfloat16
+            with torch.no_grad():
+                exact = reference(**batch, use_cache=False).logits
+            assert (out.logits.float() - exact).abs().max() < 0.05 * exact.abs().max()
