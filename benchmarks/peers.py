@@ -73,6 +73,7 @@ from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # this checkout's qlora_studio, installed or not (as throughput.py)
 CACHE = Path(os.environ.get("QLORA_STUDIO_PEERS", Path.home() / ".cache" / "qlora-studio" / "peers"))
 RECIPE = dict(rank=16, alpha=32, dropout=0.05, lr=2e-4, warmup=0.05, epochs=1, batch=4, max_len=512, seed=42)
 KEY_PACKAGES = ("qlora-studio", "trl", "llamafactory", "transformers", "peft", "datasets", "accelerate", "torch",

@@ -68,6 +68,7 @@ class DataReport:
     errors: list[DataIssue] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     truncated: int | None = None  # filled by tokenization
+    answer_cut_off: list[int] = field(default_factory=list)  # lines of truncated examples left with no trained token
     token_lengths: list[int] = field(default_factory=list)
     sha256: str = ""
     # Counts for the quality checks (see `_quality_warnings`): duplicates, conflicting_prompts,
@@ -454,10 +455,13 @@ def prepare_dataset(path: str | Path, tokenizer, max_seq_len: int, eval_fraction
     ensure_chat_template(tokenizer)
     examples, report = load_examples(path, fmt, row_char_limit(max_seq_len), system)
     rows = tokenize_all(tokenizer, examples, max_seq_len, report)
-    no_target = sum(1 for r in rows if all(label == IGNORE_INDEX for label in r["labels"]))
+    report.answer_cut_off = [r["line"] for r in rows if all(label == IGNORE_INDEX for label in r["labels"])]
+    no_target = len(report.answer_cut_off)
     rows = [r for r in rows if any(label != IGNORE_INDEX for label in r["labels"])]
     if no_target:
-        report.warnings.append(f"{no_target} examples lost every trained token to truncation at {max_seq_len} tokens and were dropped")
+        report.warnings.append(f"{no_target} examples lost every trained token to truncation at {max_seq_len} tokens "
+                               f"and were dropped (line{'s' if no_target > 1 else ''} {', '.join(map(str, report.answer_cut_off[:5]))}"
+                               f"{', ...' if no_target > 5 else ''})")
     if not rows:
         raise DataError(f"{path}: every example lost its answer to truncation at {max_seq_len} tokens; raise the sequence length")
     report.truncated = sum(r["truncated"] for r in rows) + no_target

@@ -104,6 +104,15 @@ def underused_findings(summary: dict | None, config: dict | None = None, records
                     fixes, {"peak_mb": peak_mb, "reference_mb": ref_mb, "reference": ref_name, "share": share})]
 
 
+def _left_out(lines: list[int]) -> str:
+    """The end of the truncation finding: the examples whose whole answer was cut off (not trained on)."""
+    if not lines:
+        return "."
+    shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+    return (f"; {len(lines)} of them lost their whole answer and were left out of training "
+            f"(line{'s' if len(lines) > 1 else ''} {shown}).")
+
+
 def data_findings(report: dict | None, config: dict | None = None) -> list[Finding]:
     """Data problems found before training, from a data report (`DataReport.to_dict()`).
 
@@ -150,11 +159,12 @@ def data_findings(report: dict | None, config: dict | None = None) -> list[Findi
         n = min(8192, 2 * s.max_seq_len)
         out.append(Finding("data", sev(truncated, usable, DATA_WARN_SHARE), 0,
                            f"{truncated} of {usable} examples are longer than {s.max_seq_len} tokens and were cut; "
-                           "their answers lose their end.",
+                           "their answers lose their end" + _left_out(report.get("answer_cut_off") or []),
                            [Fix(f"Raise the sequence length ({s.max_seq_len} -> {n} tokens)", {"max_seq_len": n},
                                 "whole examples teach whole answers; it costs activation memory", 0),
                             Fix("Shorten the longest examples", {}, "or split them into several rows")],
-                           {"truncated": truncated, "token_lengths": lengths}))
+                           {"truncated": truncated, "token_lengths": lengths,
+                            "answer_cut_off": report.get("answer_cut_off") or []}))
     skipped = rows - usable - empty
     if skipped > 0:
         out.append(Finding("data", sev(skipped, rows, DATA_WARN_SHARE), 0,

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from qlora_studio.data import DataError, Example, assistant_spans, check_file, load_examples, prepare_dataset, tokenize_example
+from qlora_studio.run_checks import data_findings
 
 
 def _jsonl(path, rows):
@@ -112,9 +113,15 @@ def test_truncation_is_counted_and_answerless_examples_dropped(embedded_path, tm
     assert data.report.truncated == 2
     assert len(data.train) == 2
     assert max(len(x) for x in data.train["input_ids"]) == 64
-    assert any("dropped" in w for w in data.report.warnings)
+    assert data.report.answer_cut_off == [3]
+    assert any("dropped (line 3)" in w for w in data.report.warnings)
     report = check_file(path, tok, 64)
     assert report.truncated == 2
+    [finding] = [f for f in data_findings(report.to_dict(), {"max_seq_len": 64})  # what the log and the page say
+                 if "truncated" in f.details]
+    assert finding.message.startswith("2 of 3 examples are longer than 64 tokens and were cut")
+    assert finding.message.endswith("1 of them lost their whole answer and were left out of training (line 3).")
+    assert finding.details["answer_cut_off"] == [3]
 
 
 def test_the_system_prompt_setting_sets_or_clears_the_templates_default(embedded_path, tmp_path):
