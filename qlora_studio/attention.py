@@ -23,8 +23,8 @@ fp32: forward and backward of eight examples of 42-226 tokens in one layer of th
 3 key/value heads) took 22.0 and 23.9 ms in bf16, 15.5 and 13.9 ms with the fp32 casts included (best of 5,
 alternating, two sittings on a 2-core AVX512-BF16 EPYC). In the profile of six training steps, the kernel's
 backward took 1.16 s instead of 2.25 s; whole steps differed by less than this machine's noise (medians of
-16 alternating steps: 4.37 s with fp32 attention, 4.30 s with bf16). `CPU_FP32` is the switch benchmarks/throughput.py turns off
-("ours, attention in bf16")."""
+16 alternating steps: 4.37 s with fp32 attention, 4.30 s with bf16). `CPU_FP32` is the switch
+benchmarks/throughput.py turns off ("ours, attention in bf16")."""
 from __future__ import annotations
 
 NAME = "packed_sdpa"

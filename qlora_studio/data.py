@@ -81,6 +81,12 @@ class DataReport:
         return d
 
 
+def lines_text(lines: list[int], shown: int = 5) -> str:
+    """"line 3" or "lines 3, 7, 9, ..." (the first ``shown``)."""
+    more = ", ..." if len(lines) > shown else ""
+    return f"line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines[:shown]))}{more}"
+
+
 def _length_stats(lengths: list[int]) -> dict:
     if not lengths:
         return {}
@@ -460,8 +466,7 @@ def prepare_dataset(path: str | Path, tokenizer, max_seq_len: int, eval_fraction
     rows = [r for r in rows if any(label != IGNORE_INDEX for label in r["labels"])]
     if no_target:
         report.warnings.append(f"{no_target} examples lost every trained token to truncation at {max_seq_len} tokens "
-                               f"and were dropped (line{'s' if no_target > 1 else ''} {', '.join(map(str, report.answer_cut_off[:5]))}"
-                               f"{', ...' if no_target > 5 else ''})")
+                               f"and were dropped ({lines_text(report.answer_cut_off)})")
     if not rows:
         raise DataError(f"{path}: every example lost its answer to truncation at {max_seq_len} tokens; raise the sequence length")
     report.truncated = sum(r["truncated"] for r in rows) + no_target

@@ -3,6 +3,7 @@ mostly unused (from summary.json), and data problems (from data_report.json)."""
 
 from __future__ import annotations
 
+from .data import lines_text
 from .finding import Finding, Fix, _finite, _Settings
 
 # Under-used card: the measured peak is below this share of the card's memory (or of the estimate).
@@ -108,9 +109,7 @@ def _left_out(lines: list[int]) -> str:
     """The end of the truncation finding: the examples whose whole answer was cut off (not trained on)."""
     if not lines:
         return "."
-    shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
-    return (f"; {len(lines)} of them lost their whole answer and were left out of training "
-            f"(line{'s' if len(lines) > 1 else ''} {shown}).")
+    return f"; {len(lines)} of them lost their whole answer and were left out of training ({lines_text(lines)})."
 
 
 def data_findings(report: dict | None, config: dict | None = None) -> list[Finding]:
