@@ -319,15 +319,16 @@ def test_two_processes_train_as_one_resume_after_a_kill_and_stop_together(studio
 
     assert RunRecord.from_folder(run).resumable
 
-    # Resumed again; stopped a few steps later (every process at the same step); resumed to the end.
+    # Resumed again and stopped while its processes start: every process stops at the same step, the first
+    # after the resume (waiting for a step before asking raced the run's end: the tiny model's last steps
+    # take less than the launcher's poll); then resumed to the end.
     manager.resume("ddp")
     resumed_from = max(s for s, _ in run.checkpoints())
     assert resumed_from <= 9, f"the first launch saved checkpoint-{resumed_from}: no steps left to stop in"
-    _wait(lambda: max((r["step"] for r in _train(run)), default=0) >= resumed_from + 1, "a step after the resume")
     assert manager.stop()
     stopped = manager.wait(240)
     assert stopped["state"] == "stopped", stopped
-    assert run.last_checkpoint().name == f"checkpoint-{stopped['step']}" and stopped["step"] < 12
+    assert stopped["step"] == resumed_from + 1 and run.last_checkpoint().name == f"checkpoint-{stopped['step']}"
     manager.resume("ddp")
     final = manager.wait(300)
     t_ddp = time.time() - t1
