@@ -91,3 +91,39 @@ def save_checkpoint_now(trainer) -> bool:
         return False
     save(trainer.model, trial=None)
     return True
+
+
+# ------------------------------------------------------------------ peft: LoRA inputs copied to fp32 under CPU autocast
+#
+# Upstream behaviour (peft 0.21.2, `tuners/lora/bnb.py`, `Linear4bit.forward`): each adapted 4-bit layer copies
+# its input to the adapter's dtype (fp32) unless `torch.is_autocast_enabled()` -- which, asked without a device
+# type, answers for CUDA only. Under CPU autocast every adapted layer therefore copies its bf16 input to fp32,
+# draws the LoRA dropout on the copy, and autocast casts it back to bf16 for the adapter's matmul: the same
+# numbers as without the copies (the losses of a run are bit for bit the same), twice the memory traffic. On
+# the GPU, under CUDA autocast, peft skips the copy already. The fix uses peft's own switch
+# (`cast_input_dtype_enabled`), set before each forward from the autocast state of the input's device; without
+# autocast (generation, evaluation of a 16-bit model) the copy stays. Tested with peft 0.21.2; a version outside
+# 0.21 is left alone (the copies then cost speed, never correctness).
+
+
+def skip_lora_input_copies_under_autocast(model) -> int:
+    """Let peft's 4-bit LoRA layers skip copying their input to fp32 under CPU autocast (see above); returns
+    how many layers were given the hook."""
+    import peft
+    import torch
+
+    if not peft.__version__.startswith("0.21."):
+        return 0
+    from peft.tuners.lora.bnb import Linear4bit
+
+    def decide(module, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor):
+            module.cast_input_dtype_enabled = not torch.is_autocast_enabled(x.device.type)
+
+    hooked = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.register_forward_pre_hook(decide)
+            hooked += 1
+    return hooked

@@ -106,7 +106,7 @@ class Lock:
             except BlockingIOError:
                 return False
         record = self._read()  # no flock: held while the recorded pid lives on this host
-        return not (record and record.get("host") == socket.gethostname() and _pid_alive(record.get("pid")))
+        return not (record and record.get("host") == socket.gethostname() and pid_alive(record.get("pid")))
 
     def _read(self) -> dict | None:
         try:
@@ -116,15 +116,19 @@ class Lock:
         return record if isinstance(record, dict) else None
 
 
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
+def pid_alive(pid) -> bool:
+    """Whether a process of this machine has that pid (one another user owns counts). Anything that is not
+    a positive int -- a bool, None, 0 and negatives (which name process groups) -- names no process."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:
+    except PermissionError:
         return True
+    except (OSError, OverflowError):
+        return False
     return True
 
 

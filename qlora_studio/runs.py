@@ -38,7 +38,7 @@ from pathlib import Path
 from .diskspace import is_disk_full, release_reserve
 from .errors import StudioError
 from .home import runs_dir
-from .ownership import RUN_LOCK, describe, run_owner
+from .ownership import RUN_LOCK, describe, pid_alive, run_owner
 
 STATES = ("running", "completed", "stopped", "failed", "interrupted")
 LISTED_STATES = STATES + ("damaged",)  # what a listing can show: "damaged" is read, never written
@@ -181,20 +181,6 @@ def resolve_run(run: str | Path, root: Path | None = None) -> Path:
     return p
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:  # 0 and negatives name process groups
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OSError, OverflowError):
-        return False
-    return True
-
-
 class RunFolder:
     """Read and write one run folder. ``writer=False``: a run's other processes (ranks 1..N-1 of a
     multi-process run) read it, and their writes of the run's files do nothing -- rank 0 writes them once."""
@@ -292,7 +278,7 @@ class RunFolder:
             elif (self.path / RUN_LOCK).exists():  # the owner's lock: held exactly while it lives
                 alive = run_owner(self.path) is not None
             else:  # a folder from before run locks
-                alive = _pid_alive(pid) if same_host else True
+                alive = pid_alive(pid) if same_host else True
             if not alive:
                 status = dict(status, state="interrupted",
                               error=status.get("error") or "the process running it ended before it finished")

@@ -227,6 +227,9 @@ def _add_adapters(model, cfg: TrainConfig, plan: RunPlan, resume: bool, log):
         from .dropout import use_16bit_masks
 
         log(f"LoRA dropout: 16-bit masks in {use_16bit_masks(model)} layers ({plan.reasons.get('dropout_masks') or 'as configured'})")
+    from .compat import skip_lora_input_copies_under_autocast
+
+    skip_lora_input_copies_under_autocast(model)  # peft's fp32 copies of their inputs: see compat
     if cfg.init_adapter and not resume:
         load_init_adapter(model, cfg.init_adapter, log)
     return model

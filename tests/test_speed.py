@@ -323,6 +323,7 @@ def test_16bit_dropout_masks_drop_at_the_rate_asked_each_element_alone_and_keep_
     torch.manual_seed(0)
     x = torch.ones(400, 1000, requires_grad=True)
     y = drop(x)
+    assert [t.dtype for t in y.grad_fn.saved_tensors] == [torch.uint8]  # the mask kept: one byte an element
     kept = y != 0
     n = kept.numel()
     rate = 1 - kept.float().mean().item()
@@ -371,3 +372,61 @@ def test_a_cpu_run_uses_16bit_dropout_masks_learns_as_with_torchs_and_repeats_it
     assert losses["a"] != losses["torch"]  # other masks ...
     for a, b in zip(losses["a"], losses["torch"]):  # ... the same learning
         assert a == pytest.approx(b, rel=0.05)
+
+
+def test_under_cpu_autocast_peft_4bit_lora_layers_keep_their_bf16_inputs_and_learn_the_same(tiny_llama):
+    """peft 0.21 copies each 4-bit LoRA layer's input to fp32 unless CUDA autocast is on; the compat hook
+    skips that copy under CPU autocast: the dropout and adapter see bf16, fewer activation copies are made,
+    and the loss and the adapters' gradients are bit for bit those with the copies. Without autocast (as
+    generation runs) the copies stay, and the layers still work."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qlora_studio.compat import skip_lora_input_copies_under_autocast
+    from qlora_studio.dropout import use_16bit_masks
+
+    class Copies(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith("_to_copy") and args[0].dim() == 3:  # activations, not weights
+                Copies.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def adapted(hook: bool):
+        model = load_base_model(tiny_llama, "nf4", "bf16", "cpu")
+        keep_4bit_weights_trainable(model)
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.3,
+                                                 bias="none", task_type="CAUSAL_LM"))
+        use_16bit_masks(model)
+        seen = []
+        for name, module in model.named_modules():
+            if name.endswith("lora_dropout.default"):
+                module.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+        return model, (skip_lora_input_copies_under_autocast(model) if hook else 0), seen
+
+    ids = torch.randint(0, 500, (1, 24))
+    results = {}
+    for hook in (False, True):
+        model, hooked, seen = adapted(hook)
+        assert hooked == (14 if hook else 0)  # 2 layers x 7 linear
+        model.train()
+        torch.manual_seed(1)
+        Copies.n = 0
+        with torch.autocast("cpu", dtype=torch.bfloat16), Copies():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[hook] = (loss.item(), grads, Copies.n, set(seen))
+        model.eval()
+        seen.clear()
+        with torch.no_grad():  # no autocast: bf16 hidden states meet fp32 adapters, so peft's copy is needed
+            assert torch.isfinite(model(input_ids=ids).logits).all()
+        assert set(seen) == {torch.float32}
+    (loss_a, grads_a, copies_a, dtypes_a), (loss_b, grads_b, copies_b, dtypes_b) = results[False], results[True]
+    assert dtypes_a == {torch.float32} and dtypes_b == {torch.bfloat16}
+    assert copies_b < copies_a - 2 * 14, (copies_a, copies_b)  # the up-copy and autocast's down-copy, per layer
+    assert loss_a == loss_b and grads_a.keys() == grads_b.keys() and len(grads_a) == 28
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
