@@ -27,11 +27,12 @@ MLP_MODULES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2"
 # Tasks that change the output format or need reasoning benefit from adapting the MLPs too.
 FORMAT_TASKS = {"sql", "code", "json", "reasoning", "math", "format"}
 # Measured on the CPU, the embedded model, batches of 4 alpaca examples (benchmarks/throughput.py, "ours, eager
-# attention"): in fp32 on an AVX2 CPU (five runs each way), under bf16 autocast on an AVX512-BF16 one (two each,
-# within the noise).
+# attention"): in fp32 on an AVX2 CPU (five runs each way); under bf16 autocast on an AVX512-BF16 one, two runs
+# each (1.04x) and, with the attention in fp32 since, three each (medians 243.7 against 258.6 tok/s: 0.94x), both
+# within that machine's noise.
 PACKED_WHY = ("SDPA on each packed example alone, so no attention work across examples (one epoch of alpaca-like "
-              "data trained 1.25x faster than with eager attention over whole rows in fp32, 1.04x under bf16 "
-              "autocast)")
+              "data trained 1.25x faster than with eager attention over whole rows in fp32; under bf16 autocast "
+              "the two were within the noise, 0.94-1.04x)")
 AUTO_OPTIMIZER = {"cpu": "adamw_torch", "cuda": "paged_adamw_8bit"}
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
