@@ -11,15 +11,16 @@ is the input exactly, and each element is dropped independently, as with ``nn.Dr
 for the backward pass as one byte per element (torch keeps a 4-byte float).
 
 Measured on a 2-core AVX2 CPU, a mask for 600 tokens x 576 features: ``F.dropout`` 2.54 ms; 64-bit draws
-0.46 ms, the comparison 0.11 ms, the scaling 0.18 ms.
+0.46 ms, the comparison 0.11 ms, the scaling 0.18 ms. Forward and backward passes of the embedded model
+(the same model, alternating): 1.19-1.23x torch's; one epoch of the demo data (benchmarks/throughput.py,
+"ours, dropout masks from torch"): 1.09-1.11x.
 
 The mask is kept as 0/1 bytes (uint8), not as bools: torch's CPU kernels for bool tensors are not
 vectorized. On a 2-core AVX-512 CPU, 700 x 576 elements: the comparison written into bytes 31-33 us
 against 106-113 us into bools; ``x * mask * scale`` with the byte mask cast to x's dtype 70-79 us in fp32
 and 112-113 us in bf16, against 184-202 and 299-303 us for ``native_dropout_backward`` with the bool mask.
-The outputs and gradients are bit for bit the same. Whole training steps: within the machine's noise. Forward and backward passes of the embedded model
-(the same model, alternating): 1.19-1.23x torch's; one epoch of the demo data (benchmarks/throughput.py,
-"ours, dropout masks from torch"): 1.09-1.11x.
+The outputs and gradients are bit for bit the same; whole training steps differed by less than that
+machine's noise.
 
 The random numbers come from torch's default generator, so a run's seed and a resumed checkpoint's saved
 RNG state decide the masks, as they do torch's.
