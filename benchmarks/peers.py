@@ -267,7 +267,7 @@ def run_ours(spec: dict) -> dict:
         raise SystemExit(f"our run did not complete: {status}")
     plan = json.loads((run.path / "plan.json").read_text())["plan"]
     keys = ("precision", "batching", "batch_unit", "attention", "logits", "gradient_checkpointing", "optimizer",
-            "targets")
+            "targets", "decoded_weights", "dropout_masks")
     return {"adapter": str(run.adapter), "settings": {k: plan.get(k) for k in keys}}
 
 
@@ -551,7 +551,8 @@ def main() -> int:
     losses = heldout_losses(model, work / "heldout.jsonl", {r["tag"]: r["adapter"] for r in runs})
     rows, table = summarize(a.systems, runs, losses, budget)
     print(f"\nheld-out loss of the base model: {losses['base']:.4f}\n\n{table}\n")
-    shown = ("precision", "batching", "attention", "logits", "gradient_checkpointing", "packing", "padding_free",
+    shown = ("precision", "batching", "attention", "logits", "gradient_checkpointing", "decoded_weights",
+             "dropout_masks", "packing", "padding_free",
              "completion_only_loss", "template", "cutoff_len", "peer_dtype")
     for row in rows:
         r = next(x for x in runs if x["system"] == row["system"])

@@ -139,6 +139,10 @@ class TrainConfig:
     gradient_checkpointing: bool | None = setting(
         None, "recompute activations in backward (less memory, ~1/3 more compute)", "bool", auto=True,
         auto_help="on with a GPU; off on the CPU when the run fits in RAM without it", group="speed")
+    decoded_weights: bool | None = setting(
+        None, "keep the 4-bit base weights decoded in the compute dtype instead of decoding them at each use "
+        "(the same numbers; faster on the CPU, a 16-bit copy of the base in memory)", "bool", auto=True,
+        auto_help="on the CPU when the run fits in half of the free RAM with the copy; off with a GPU", group="speed")
     batching: str | None = setting(
         None, "how a step's examples become a batch: packed (no padding), grouped by length, or padded", "choice",
         choices=("packed", "grouped", "padded"), auto=True,

@@ -269,6 +269,7 @@ def estimate(
     compute_dtype: str = "bf16",
     calibrated: bool = False,
     gpu_name: str | None = None,
+    decoded_weights: bool = False,
 ) -> MemoryBreakdown:
     """Peak GPU memory of a training step of ``arch`` with these settings.
 
@@ -276,6 +277,9 @@ def estimate(
     weight. ``quant`` says how the base is stored: "nf4"/"fp4" (4-bit) or "none" (16-bit); None means
     nf4 for qlora and none otherwise. qlora with quant "none" is plain LoRA; lora with a 4-bit quant is
     QLoRA. A full fine-tune of a 4-bit base is refused.
+
+    ``decoded_weights=True`` adds a copy of every 4-bit weight decoded into the compute dtype, as a
+    run keeps them on the CPU (`decoded.keep_decoded`).
 
     ``calibrated=True`` scales every item by this machine's factor for ``gpu_name`` (or the first
     detected GPU) from :func:`calibration_factor`.
@@ -340,6 +344,10 @@ def estimate(
                 f"{quant.upper()} base: {counts.quantizable / 1e9:.2f}B linear weights at {per_param:.4f} B/param "
                 f"(0.5 B + {scales}); embeddings, lm_head, norms and biases "
                 f"({counts.unquantized / 1e6:.0f}M params) stay {8 * c}-bit")
+            if decoded_weights:
+                weights += c * counts.quantizable
+                assumptions.append(f"the 4-bit weights are also kept decoded, {8 * c}-bit: "
+                                   f"+{_gib(c * counts.quantizable)}")
             if c == 2:
                 assumptions.append(
                     "peft's prepare_model_for_kbit_training would upcast those 16-bit modules to fp32: "

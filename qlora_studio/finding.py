@@ -124,7 +124,7 @@ def settings_view(config: dict | None, plan_doc: dict | None = None) -> dict:
     micro-batch after out-of-memory recoveries, the device, the precision, the number of steps)."""
     view = dict(config or {})
     plan = (plan_doc or {}).get("plan") or {}
-    for key in ("batch_size", "grad_accum", "device", "precision"):
+    for key in ("batch_size", "grad_accum", "device", "precision", "gradient_checkpointing", "decoded_weights"):
         if plan.get(key) is not None:
             view[key] = plan[key]
     total = ((plan_doc or {}).get("schedule") or {}).get("total_steps")
@@ -151,6 +151,8 @@ class _Settings:
         self.warmup_ratio = float(c.get("warmup_ratio") if c.get("warmup_ratio") is not None else 0.05)
         self.device = c.get("device")
         self.precision = c.get("precision")
+        self.gradient_checkpointing = c.get("gradient_checkpointing")
+        self.decoded_weights = c.get("decoded_weights")
 
 
 def _halve_lr(s: _Settings, from_step: int | None, why: str) -> Fix:

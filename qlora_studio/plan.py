@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from . import plan_memory
 from .attention import NAME as PACKED_ATTENTION
 from .config import TrainConfig
 from .errors import ConfigError
@@ -167,6 +168,8 @@ class RunPlan:
     processes: int = 1  # worker processes (one per GPU); batch_size and grad_accum are each one's
     parallel: str = "single"  # single | ddp | fsdp
     quant_storage: str | None = None  # FSDP: the dtype 4-bit weights are packed in (bf16 | fp32); None: uint8
+    # the 4-bit weights kept decoded in the compute dtype (`decoded.keep_decoded`), not decoded at each use
+    decoded_weights: bool = False
 
     @property
     def effective_batch(self) -> int:
@@ -214,6 +217,10 @@ class RunPlan:
                + (f" -- {r['logits']}" if r.get("logits") else "")]
         if self.sequences:
             out.insert(5, f"batch unit: sequences -- {r.get('batch_unit', '')}")
+        if self.quant != "none":
+            out.append(("4-bit weights: decoded once and kept in " + self.precision if self.decoded_weights else
+                        "4-bit weights: decoded at each use") + (f" -- {r['decoded_weights']}"
+                                                                  if r.get("decoded_weights") else ""))
         if self.lora_dropout > 0:
             out.append(f"dropout masks: {self.dropout_masks}"
                        + (f" -- {r['dropout_masks']}" if r.get("dropout_masks") else ""))
@@ -307,41 +314,6 @@ def _attention(config: TrainConfig, device: str, architecture, batching: str) ->
     return PACKED_ATTENTION, PACKED_WHY
 
 
-def _estimate(plan: RunPlan, arch, machine: Machine, grad_checkpointing: bool, calibrated: bool = False):
-    from .estimator import estimate
-
-    attention_names = {layer.name for layer in arch.linear_layers() if layer.group == "attention"}
-    targets = "attention" if set(plan.targets) <= attention_names else "all"
-    return estimate(arch, method="qlora" if plan.quant != "none" else "lora",
-                    quant=None if plan.quant == "none" else plan.quant, double_quant=plan.double_quant,
-                    rank=plan.rank, targets=targets, batch=plan.batch_size, seq=plan.max_seq_len,
-                    grad_checkpointing=grad_checkpointing, optimizer=plan.optimizer, attention=plan.attention,
-                    compute_dtype=plan.precision,
-                    calibrated=calibrated, gpu_name=machine.gpu_name if calibrated else None)
-
-
-def _checkpointing(config: TrainConfig, plan: RunPlan, arch, machine: Machine) -> tuple[bool, str | None]:
-    """Gradient checkpointing recomputes each layer's forward pass in backward (about a third more compute)
-    to keep activations small. On a GPU memory is the limit, so it stays on unless the user turns it off;
-    on the CPU it is turned off when the estimate without it fits in half of the RAM free now."""
-    if config.gradient_checkpointing is not None:
-        return config.gradient_checkpointing, None
-    if plan.device == "cuda":
-        return True, "GPU memory is the limit"
-    need = None
-    if arch is not None:
-        try:
-            need = _estimate(plan, arch, machine, grad_checkpointing=False).total_bytes
-        except ValueError:
-            need = None
-    available = machine.ram_available_bytes
-    if need is None or not available:
-        return True, "cannot tell whether the run fits in RAM without it"
-    if need <= available / 2:
-        return False, f"about {need / GiB:.1f} GiB needed without it, under half of the RAM free now"
-    return True, f"about {need / GiB:.1f} GiB needed without it, more than half of the RAM free now"
-
-
 def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module_names: list[str] | None = None,
              n_params: int | None = None) -> RunPlan:
     """Every decision for ``config`` on ``machine``.
@@ -412,15 +384,18 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
                    max_seq_len=config.max_seq_len, batching=batching, attention=attention,
                    gradient_checkpointing=True, optimizer=optimizer, reasons=reasons, logits=logits,
                    cpu_threads=config.cpu_threads, batch_unit=config.batch_unit, dropout_masks=dropout_masks)
-    plan.gradient_checkpointing, why = _checkpointing(config, plan, architecture, machine)
+    plan.gradient_checkpointing, why = plan_memory.checkpointing(config, plan, architecture, machine)
     if why:
         reasons["gradient_checkpointing"] = why
+    plan.decoded_weights, why = plan_memory.decoded_weights(config, plan, architecture, machine)
+    if why:
+        reasons["decoded_weights"] = why
     from .parallel import choose_parallel, split_processes
 
     split_processes(config, machine, plan)
-    plan.memory = _memory(plan, architecture, machine)
+    plan.memory = plan_memory.memory(plan, architecture, machine)
     if plan.processes > 1:
-        choose_parallel(config, machine, plan, lambda: _memory(plan, architecture, machine))
+        choose_parallel(config, machine, plan, lambda: plan_memory.memory(plan, architecture, machine))
     if plan.memory is None:
         reasons["memory"] = "no estimate: the model's shape is not one the estimator knows"
     return plan
@@ -434,39 +409,6 @@ def _precision_reason(device: str, cc, precision: str) -> str:
     return {"bf16": f"compute capability {cc_text} has native bf16",
             "fp16": f"compute capability {cc_text} has no native bf16: fp16 with loss scaling",
             "fp32": f"compute capability {cc_text}: fp16 math is slow on this card, so fp32"}[precision]
-
-
-def _memory(plan: RunPlan, arch, machine: Machine) -> dict | None:
-    from .estimator import HEADROOM, calibration_summary, fits
-
-    if arch is None:
-        return None
-    try:
-        est = _estimate(plan, arch, machine, plan.gradient_checkpointing)
-    except ValueError:
-        return None
-    per_gpu = {}
-    if plan.processes > 1:  # each process's share (`parallel.per_process`): DDP a replica, FSDP a shard
-        from .parallel import per_process
-
-        modes = ("ddp", "fsdp") if plan.device == "cuda" else ("ddp",)
-        per_gpu = {mode: per_process(est, arch, plan.processes, mode) for mode in modes}
-        est = per_gpu.get(plan.parallel, per_gpu["ddp"])
-    out = {"estimate_bytes": est.total_bytes, "breakdown": est.breakdown, "where": plan.device}
-    if per_gpu:
-        out["per_gpu"] = {mode: b.total_bytes for mode, b in per_gpu.items()}
-    if plan.device != "cuda":
-        return out
-    # On a card with finished runs recorded, the estimate is scaled by their measured/estimated ratio.
-    summary = calibration_summary(machine.gpu_name) if machine.gpu_name else None
-    if summary and plan.processes == 1:
-        calibrated = _estimate(plan, arch, machine, plan.gradient_checkpointing, calibrated=True)
-        out.update(estimate_bytes=calibrated.total_bytes, breakdown=calibrated.breakdown,
-                   uncalibrated_bytes=est.total_bytes, calibration=summary)
-    available = machine.gpu_free_bytes or machine.gpu_total_bytes
-    out.update(available_bytes=available, headroom=HEADROOM,
-               fits=bool(available) and fits(out["estimate_bytes"], available))
-    return out
 
 
 def plan_for(config: TrainConfig, machine: Machine | None = None) -> RunPlan:

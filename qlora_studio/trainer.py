@@ -230,6 +230,11 @@ def _add_adapters(model, cfg: TrainConfig, plan: RunPlan, resume: bool, log):
     from .compat import skip_lora_input_copies_under_autocast
 
     skip_lora_input_copies_under_autocast(model)  # peft's fp32 copies of their inputs: see compat
+    if plan.decoded_weights:
+        from .decoded import keep_decoded
+
+        log(f"4-bit weights: kept decoded in {keep_decoded(model)} layers "
+            f"({plan.reasons.get('decoded_weights') or 'as configured'})")
     if cfg.init_adapter and not resume:
         load_init_adapter(model, cfg.init_adapter, log)
     return model

@@ -115,9 +115,9 @@ def _train_records(run: RunFolder) -> list[dict]:
     return [r for r in run.metrics() if r["type"] == "train"]
 
 
-def _apply_first_fix(run: RunFolder, finding: Finding) -> tuple[RunFolder, dict]:
+def _apply_first_fix(run: RunFolder, finding: Finding, index: int = 0) -> tuple[RunFolder, dict]:
     manager = RunManager()
-    child = manager.apply_fix(run, finding.fixes[0], reason=finding.message)
+    child = manager.apply_fix(run, finding.fixes[index], reason=finding.message)
     status = manager.wait(600)
     return child, status
 
@@ -313,9 +313,12 @@ def test_out_of_memory_fails_cleanly_keeps_the_checkpoint_and_the_fix_completes(
     assert run.last_checkpoint().name == "checkpoint-6" and status["last_checkpoint"] == "checkpoint-6"
     [f] = _alarms(diagnose_run(run.path))
     assert (f.kind, f.severity, f.step) == ("oom", "error", 8)
-    assert [x.title for x in f.fixes][0] == "Micro-batch 2 with gradient accumulation 2"
-    assert [x.changes for x in f.fixes] == [{"batch_size": 2, "grad_accum": 2}, {}, {}]  # NF4 on, 64 tokens: nothing to cut
-    child, child_status = _apply_first_fix(run, f)
+    # on the CPU the run kept its 4-bit weights decoded and trained without checkpointing: those go first
+    assert [x.title for x in f.fixes][:3] == ["Decode the 4-bit weights at each use", "Turn on gradient checkpointing",
+                                              "Micro-batch 2 with gradient accumulation 2"]
+    assert [x.changes for x in f.fixes] == [{"decoded_weights": False}, {"gradient_checkpointing": True},
+                                            {"batch_size": 2, "grad_accum": 2}, {}, {}]  # NF4 on, 64 tokens: nothing to cut
+    child, child_status = _apply_first_fix(run, f, index=2)
     assert child_status["state"] == "completed", child_status.get("error")
     config = child.config()
     assert (config["batch_size"], config["grad_accum"], config["init_step"], config["max_steps"]) == (2, 2, 6, 6)
