@@ -141,7 +141,7 @@ class TrainConfig:
         auto_help="on with a GPU; off on the CPU when the run fits in RAM without it", group="speed")
     decoded_weights: bool | None = setting(
         None, "keep the 4-bit base weights decoded in the compute dtype instead of decoding them at each use "
-        "(the same numbers; faster on the CPU, a 16-bit copy of the base in memory)", "bool", auto=True,
+        "(the same numbers; faster on the CPU, a copy of the base in the compute dtype in memory)", "bool", auto=True,
         auto_help="on the CPU when the run fits in half of the free RAM with the copy; off with a GPU", group="speed")
     batching: str | None = setting(
         None, "how a step's examples become a batch: packed (no padding), grouped by length, or padded", "choice",

@@ -11,7 +11,7 @@ bitsandbytes' Python around each call, is time the cores spend on every step. `k
 The numbers are the same: the kept matrix is the one bitsandbytes decodes (its own ``dequantize_4bit``,
 cast to the compute dtype as its backward does), the same weights QLoRA trains against, and the layer
 computes ``linear(x, W, bias)`` as its forward does. The losses and every adapter gradient are bit for bit
-those of bitsandbytes' path (tests/test_speed.py). The cost is the 16-bit (or fp32) copy of every 4-bit
+those of bitsandbytes' path (tests/test_decoded.py). The cost is the 16-bit (or fp32) copy of every 4-bit
 weight, which the plan's memory estimate counts (`estimator.estimate(decoded_weights=True)`).
 
 Measured on a 2-core AVX512-BF16 EPYC under bf16 autocast, the embedded model with every linear layer

@@ -55,7 +55,7 @@ def checkpointing(config: TrainConfig, plan: RunPlan, arch, machine: Machine) ->
 
 def decoded_weights(config: TrainConfig, plan: RunPlan, arch, machine: Machine) -> tuple[bool, str | None]:
     """Whether the 4-bit weights are kept decoded (`decoded`): the same numbers, no decoding at each use, a
-    16-bit copy of the base in memory. On a GPU the memory is what QLoRA saves, so never; on the CPU, when the
+    copy of the base in the compute dtype in memory. On a GPU the memory is what QLoRA saves, so never; on the CPU, when the
     estimate with the copy fits in half of the RAM free now (the rule `checkpointing` uses)."""
     if plan.quant == "none":
         if config.decoded_weights:

@@ -30,10 +30,11 @@ def oom_findings(status: dict | None, config: dict | None = None) -> list[Findin
         return out
     step = int(status.get("error_step") or status.get("step") or 0)
     fixes = []
-    if s.decoded_weights:  # the CPU's 16-bit copy of the base (`plan._decoded_weights`)
+    if s.decoded_weights:  # the decoded copy of the base a CPU run keeps (`plan_memory.decoded_weights`)
         fixes.append(Fix("Decode the 4-bit weights at each use", {"decoded_weights": False},
-                         "the run kept a 16-bit copy of the base's 4-bit weights for speed; without it the base "
-                         "takes about a quarter of that memory, the same numbers, each step somewhat slower"))
+                         "the run kept a decoded copy of the base's 4-bit weights for speed; without it each weight costs "
+                         "about half a byte instead of 2.5 (bf16) or 4.5 (fp32): the same numbers, each step somewhat "
+                         "slower"))
     if s.gradient_checkpointing is False:
         fixes.append(Fix("Turn on gradient checkpointing", {"gradient_checkpointing": True},
                          "activations are recomputed in backward instead of kept: much less memory, about a third "
