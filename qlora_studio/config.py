@@ -182,8 +182,8 @@ class TrainConfig:
     trust_remote_code: bool = setting(False, "run code that ships with the model", "bool", group="internal")
     name: str | None = setting(None, "the run folder's name (letters, digits, . _ -)", "str", auto=True,
                                auto_help="date-model-data", flag="output", group="internal")
-    oom_retries: int = setting(3, "automatic out-of-memory recoveries (half micro-batch, twice accumulation)", "int",
-                               minimum=0, group="internal")
+    oom_retries: int = setting(3, "automatic out-of-memory recoveries (the CPU's kept decoded weights first, then "
+                               "half micro-batch, twice accumulation)", "int", minimum=0, group="internal")
     init_adapter: str | None = setting(None, "start from these LoRA weights (a checkpoint of an earlier run)", "str",
                                        auto=True, flag=None, group="internal")
     init_step: int = setting(0, "the earlier run's step those weights come from", "int", minimum=0, flag=None,

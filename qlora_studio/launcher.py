@@ -183,7 +183,8 @@ def run_processes(run: RunFolder, stop_event: threading.Event | None = None, res
         phase = status.get("phase")
         if phase == "failed":  # rank 0 recorded the failure: its error_step says whether it was training
             phase = "training" if status.get("error_step") else "loading model"
-        can_retry = (kind == "oom" and recovered < cfg_retries and plan.get("batch_size", 1) > 1
+        can_retry = (kind == "oom" and recovered < cfg_retries
+                     and (plan.get("batch_size", 1) > 1 or plan.get("decoded_weights"))
                      and not stop_event.is_set() and phase == "training")
         if not can_retry:
             log(f"FAILED: {error}")

@@ -1,7 +1,9 @@
 """What a run does when something goes wrong, and runs that continue another one.
 
-- Out of memory: caught, memory released, and -- up to ``oom_retries`` times -- retried from the last
-  checkpoint with half the micro-batch and twice the gradient accumulation (the same effective batch).
+- Out of memory (CUDA's, or the CPU allocator's "can't allocate memory"): caught, memory released, and -- up
+  to ``oom_retries`` times -- retried from the last checkpoint: a run that kept its 4-bit weights decoded
+  (`decoded`, on the CPU) first gives that copy up (the same numbers); after that, each retry has half the
+  micro-batch and twice the gradient accumulation (the same effective batch).
   Each recovery changes the run's plan (plan.json), never the user's settings (config.json), and is
   listed in plan.json's and status.json's ``recoveries`` and in train.log.
 - NaN/inf loss or grad norm: the callback stops the run at once without saving the poisoned state;
@@ -27,7 +29,8 @@ from .runs import RunFolder, checkpoint_step, read_metrics_from
 def is_oom(e: BaseException) -> bool:
     import torch
 
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    text = str(e).lower()  # CUDA: "CUDA out of memory"; torch's CPU allocator: "can't allocate memory"
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def release_memory(device: str | None) -> None:
@@ -61,23 +64,29 @@ def truncate_metrics_after(run: RunFolder, step: int) -> None:
 
 
 def recover_from_oom(run: RunFolder, error: str, retries: int, log) -> dict:
-    """Halve the plan's micro-batch and double its accumulation (the effective batch stays), and note it
-    in plan.json, status.json (``recoveries``) and train.log; the caller retries from the last
-    checkpoint, or from the start if there is none."""
+    """Give up the kept decoded weights if the plan has them, else halve the plan's micro-batch and double
+    its accumulation (the effective batch stays), and note it in plan.json, status.json (``recoveries``) and
+    train.log; the caller retries from the last checkpoint, or from the start if there is none."""
     step = last_logged_step(run) + 1  # the step that was being computed
     doc = run.plan()
     plan = doc["plan"]
-    b, ga = plan["batch_size"], plan["grad_accum"]
-    nb, nga = max(1, b // 2), ga * 2 if b > 1 else ga
-    plan.update(batch_size=nb, grad_accum=nga, effective_batch=nb * nga * plan.get("processes", 1))
     ckpt = run.last_checkpoint()
-    recovery = {"step": step, "error": error, "batch_size": [b, nb], "grad_accum": [ga, nga],
-                "resumed_from": ckpt.name if ckpt else None, "time": time.time()}
+    recovery = {"step": step, "error": error, "resumed_from": ckpt.name if ckpt else None, "time": time.time()}
+    if plan.get("decoded_weights"):
+        plan["decoded_weights"] = False
+        recovery["decoded_weights"] = [True, False]
+        change = "the 4-bit weights are decoded at each use from now on (their kept copy freed; the same numbers)"
+    else:
+        b, ga = plan["batch_size"], plan["grad_accum"]
+        nb, nga = max(1, b // 2), ga * 2 if b > 1 else ga
+        plan.update(batch_size=nb, grad_accum=nga, effective_batch=nb * nga * plan.get("processes", 1))
+        recovery.update(batch_size=[b, nb], grad_accum=[ga, nga])
+        change = (f"micro-batch {b} -> {nb}, gradient accumulation {ga} -> {nga} (effective batch {b * ga} -> "
+                  f"{nb * nga})")
     run.update_plan(plan=plan, recoveries=(doc.get("recoveries") or []) + [recovery])
     recoveries = (run.status().get("recoveries") or []) + [recovery]
     run.set_status("running", phase="recovering from out of memory", recoveries=recoveries)
-    log(f"out of memory at step {step}: recovering automatically ({len(recoveries)} of {retries}): "
-        f"micro-batch {b} -> {nb}, gradient accumulation {ga} -> {nga} (effective batch {b * ga} -> {nb * nga}); "
+    log(f"out of memory at step {step}: recovering automatically ({len(recoveries)} of {retries}): {change}; "
         + (f"continuing from {ckpt.name}" if ckpt else "no checkpoint yet, starting over"))
     if ckpt is None:
         truncate_metrics_after(run, 0)

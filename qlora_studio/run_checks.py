@@ -20,12 +20,15 @@ def oom_findings(status: dict | None, config: dict | None = None) -> list[Findin
     s = _Settings(config)
     out = []
     for rec in status.get("recoveries") or []:
+        if "decoded_weights" in rec:
+            change = "the 4-bit weights decoded at each use instead of kept decoded (the same numbers)"
+        else:
+            change = (f"micro-batch {rec.get('batch_size', ['?', '?'])[0]} -> {rec.get('batch_size', ['?', '?'])[1]}, "
+                      f"gradient accumulation {rec.get('grad_accum', ['?', '?'])[0]} -> "
+                      f"{rec.get('grad_accum', ['?', '?'])[1]} (same effective batch)")
         out.append(Finding("oom", "info", int(rec.get("step") or 0),
-                           f"Ran out of memory at step {rec.get('step')}; recovered by itself: "
-                           f"micro-batch {rec.get('batch_size', ['?', '?'])[0]} -> {rec.get('batch_size', ['?', '?'])[1]}, "
-                           f"gradient accumulation {rec.get('grad_accum', ['?', '?'])[0]} -> {rec.get('grad_accum', ['?', '?'])[1]} "
-                           f"(same effective batch), continued from {rec.get('resumed_from') or 'the start'}.",
-                           [], dict(rec)))
+                           f"Ran out of memory at step {rec.get('step')}; recovered by itself: {change}, continued "
+                           f"from {rec.get('resumed_from') or 'the start'}.", [], dict(rec)))
     if status.get("error_kind") != "oom":
         return out
     step = int(status.get("error_step") or status.get("step") or 0)

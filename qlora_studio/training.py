@@ -121,9 +121,10 @@ def run_training(run: RunFolder, stop_event: threading.Event | None = None, resu
             oom = kind == "oom"
             phase = run.status().get("phase")
         release_memory(device)  # outside the except block: the traceback is gone
-        batch = (run.plan().get("plan") or {}).get("batch_size", 1)
+        planned = run.plan().get("plan") or {}
+        batch = planned.get("batch_size", 1)
         can_retry = (oom and cfg is not None and phase == "training" and recovered < cfg.oom_retries
-                     and batch > 1 and not stop_event.is_set())
+                     and (batch > 1 or planned.get("decoded_weights")) and not stop_event.is_set())
         if not can_retry:
             if oom and cfg is not None and batch == 1 and phase == "training":
                 log("out of memory with a micro-batch of 1: no automatic recovery left; see the fixes "

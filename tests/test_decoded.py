@@ -176,3 +176,37 @@ def test_out_of_memory_on_the_cpu_offers_decoding_at_each_use_first_and_the_fix_
     assert child.config()["decoded_weights"] is False and child.plan()["plan"]["decoded_weights"] is False
     assert run_training(child)["state"] == "completed"
     assert "kept decoded" not in (child.path / "train.log").read_text()
+
+
+def test_a_cpu_allocation_failure_is_recovered_by_giving_the_decoded_copy_up_first(studio_home, tiny_llama, toy_data):
+    """torch's CPU allocator refusing an allocation (a real one, far beyond any RAM) is an out-of-memory error:
+    the run retries from its checkpoint without the kept copy, the micro-batch as it was, and completes."""
+    import torch
+    from transformers import TrainerCallback
+
+    from qlora_studio.diagnose import diagnose_run
+
+    class AllocationFailsAt(TrainerCallback):
+        def __init__(self, step):
+            self.step, self.fired = step, False
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == self.step and not self.fired:
+                self.fired = True
+                torch.empty(2**60, dtype=torch.uint8)  # DefaultCPUAllocator: can't allocate memory
+
+    cfg = TrainConfig(model=str(tiny_llama), data=str(toy_data), max_steps=8, batch_size=4, max_seq_len=128,
+                      learning_rate=3e-3, eval_fraction=0.0, save_steps=3, name="cpu-oom")
+    run = prepare_run(cfg)
+    status = run_training(run, extra_callbacks=[AllocationFailsAt(5)])
+    assert status["state"] == "completed", status.get("error")
+    [rec] = status["recoveries"]
+    assert (rec["step"], rec["decoded_weights"], rec["resumed_from"]) == (5, [True, False], "checkpoint-3")
+    assert "can't allocate memory" in rec["error"] and "batch_size" not in rec
+    plan = run.plan()["plan"]
+    assert (plan["decoded_weights"], plan["batch_size"], plan["grad_accum"]) == (False, 4, 1)
+    log = (run.path / "train.log").read_text()
+    assert log.count("4-bit weights: kept decoded in 14 layers") == 1  # the retry decodes at each use
+    assert "the 4-bit weights are decoded at each use from now on" in log
+    [note] = [f for f in diagnose_run(run.path) if f.kind == "oom"]
+    assert note.severity == "info" and "decoded at each use instead of kept decoded" in note.message
