@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from .plan import Machine, RunPlan
 
 GiB = 2**30
-# Measured with `decoded` on a 2-core AVX512-BF16 EPYC (its docstring): the same batches alternating in one process.
+# benchmarks/decoded_ab.py on a 2-core AVX512-BF16 EPYC (`decoded`'s docstring): the same batches, alternating in
+# one training process.
 DECODED_SPEED = "training steps took 0.92x the time on a 2-core CPU"
 
 
