@@ -110,7 +110,8 @@ def main() -> int:
     times = result["times"]
     ratios = [k / e for k, e in zip(times["kept"], times["each use"])]
     se = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
-    print(f"medians: each use {statistics.median(times['each use']):.2f} s, kept {statistics.median(times['kept']):.2f} s")
+    med = {v: statistics.median(times[v]) for v in VARIANTS}
+    print(f"medians: each use {med['each use']:.2f} s, kept {med['kept']:.2f} s")
     print(f"kept / each use: {statistics.mean(ratios):.3f} +- {se:.3f} (mean +- standard error of the pairs), "
           f"{sum(x < 1 for x in ratios)} of {len(ratios)} faster")
     print(f"losses bit for bit the same: {result['same_losses']}; the {result['grads']} adapter gradients of the "

@@ -47,8 +47,8 @@ as our data code renders and masks them (the template and masking every system t
 
 Measured: a callback injected into every Trainer (``transformers.Trainer.__init__`` patched in the
 child process, `peers_child.py`) times from ``on_train_begin`` (model and data loading excluded) to
-``on_train_end`` (epoch s), and the collator is wrapped to count each step's examples, trained tokens and non-pad tokens (pad
-tails and attention-mask zeros left out; the Trainer's own ``num_input_tokens_seen`` is also shown,
+``on_train_end`` (epoch s), and the collator is wrapped to count each step's examples, trained tokens
+and non-pad tokens (pad tails and attention-mask zeros left out; the Trainer's own ``num_input_tokens_seen`` is also shown,
 but it counts LLaMA-Factory's packed padding and misses TRL's <|im_end|>, the pad id). Tokens/s leave
 out the first ``--warmup`` optimizer steps. Equal wall time (``--budget``, default the shortest median
 epoch): each slower system trains its one-epoch schedule again and stops at the first step end past

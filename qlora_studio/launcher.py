@@ -162,7 +162,7 @@ def run_processes(run: RunFolder, stop_event: threading.Event | None = None, res
                   echo: bool = False) -> dict:
     """Train the run's N processes to the end (see the module docstring); returns the final status. Never
     raises for a failed run."""
-    from .recovery import recover_from_oom
+    from .recovery import can_recover, recover_from_oom
     from .trainer import run_log
     from .training import record_failure
 
@@ -183,8 +183,7 @@ def run_processes(run: RunFolder, stop_event: threading.Event | None = None, res
         phase = status.get("phase")
         if phase == "failed":  # rank 0 recorded the failure: its error_step says whether it was training
             phase = "training" if status.get("error_step") else "loading model"
-        can_retry = (kind == "oom" and recovered < cfg_retries
-                     and (plan.get("batch_size", 1) > 1 or plan.get("decoded_weights"))
+        can_retry = (kind == "oom" and recovered < cfg_retries and can_recover(plan)
                      and not stop_event.is_set() and phase == "training")
         if not can_retry:
             log(f"FAILED: {error}")

@@ -56,8 +56,8 @@ def checkpointing(config: TrainConfig, plan: RunPlan, arch, machine: Machine) ->
 
 def decoded_weights(config: TrainConfig, plan: RunPlan, arch, machine: Machine) -> tuple[bool, str | None]:
     """Whether the 4-bit weights are kept decoded (`decoded`): the same numbers, no decoding at each use, a
-    copy of the base in the compute dtype in memory. On a GPU the memory is what QLoRA saves, so never; on the CPU, when the
-    estimate with the copy fits in half of the RAM free now (the rule `checkpointing` uses)."""
+    copy of the base in the compute dtype in memory. On a GPU the memory is what QLoRA saves, so never; on
+    the CPU, when the estimate with the copy fits in half of the RAM free now (the rule `checkpointing` uses)."""
     if plan.quant == "none":
         if config.decoded_weights:
             raise ConfigError("decoded_weights: the base is not 4-bit (quant: none), so there is nothing to decode",
@@ -72,8 +72,8 @@ def decoded_weights(config: TrainConfig, plan: RunPlan, arch, machine: Machine) 
     if config.decoded_weights is not None:
         return config.decoded_weights, None
     try:
-        need = (estimate_for(replace(plan, decoded_weights=True), arch, machine, plan.gradient_checkpointing).total_bytes
-                if arch is not None else None)
+        with_copy = replace(plan, decoded_weights=True)
+        need = estimate_for(with_copy, arch, machine, plan.gradient_checkpointing).total_bytes if arch else None
     except ValueError:
         need = None
     available = machine.ram_available_bytes

@@ -63,6 +63,12 @@ def truncate_metrics_after(run: RunFolder, step: int) -> None:
     os.replace(tmp, run.metrics_path)
 
 
+def can_recover(plan: dict) -> bool:
+    """Whether `recover_from_oom` has anything left to give up in this plan (plan.json's ``plan``): the kept
+    decoded weights, or a micro-batch above 1. The one rule the single- and multi-process loops ask."""
+    return bool(plan.get("decoded_weights")) or plan.get("batch_size", 1) > 1
+
+
 def recover_from_oom(run: RunFolder, error: str, retries: int, log) -> dict:
     """Give up the kept decoded weights if the plan has them, else halve the plan's micro-batch and double
     its accumulation (the effective batch stays), and note it in plan.json, status.json (``recoveries``) and

@@ -100,7 +100,7 @@ def run_training(run: RunFolder, stop_event: threading.Event | None = None, resu
     ``extra_callbacks``: more `TrainerCallback`s for the Trainer (tests inject faults with them).
     """
     from .compat import import_training_stack
-    from .recovery import recover_from_oom, release_memory
+    from .recovery import can_recover, recover_from_oom, release_memory
     from .trainer import run_log, train
 
     import_training_stack()
@@ -122,11 +122,10 @@ def run_training(run: RunFolder, stop_event: threading.Event | None = None, resu
             phase = run.status().get("phase")
         release_memory(device)  # outside the except block: the traceback is gone
         planned = run.plan().get("plan") or {}
-        batch = planned.get("batch_size", 1)
         can_retry = (oom and cfg is not None and phase == "training" and recovered < cfg.oom_retries
-                     and (batch > 1 or planned.get("decoded_weights")) and not stop_event.is_set())
+                     and can_recover(planned) and not stop_event.is_set())
         if not can_retry:
-            if oom and cfg is not None and batch == 1 and phase == "training":
+            if oom and cfg is not None and not can_recover(planned) and phase == "training":
                 log("out of memory with a micro-batch of 1: no automatic recovery left; see the fixes "
                     "(`qlora-studio diagnose`)")
             return record_failure(run, msg, kind, phase)
