@@ -155,6 +155,10 @@ class TrainConfig:
         None, "where the LM head and the loss are computed: labelled (only positions whose next token is trained; "
         "the same loss) or all", "choice", choices=("labelled", "all"), auto=True,
         auto_help="labelled where the model takes a mask of positions", group="speed")
+    cross_entropy: str | None = setting(
+        None, "how the loss is computed from the LM head's logits: chunked (a few rows at a time, without an fp32 "
+        "copy of all of them; the same loss up to fp32 rounding) or torch (transformers' cross-entropy)", "choice",
+        choices=("chunked", "torch"), auto=True, auto_help="chunked on the CPU, torch on a GPU", group="speed")
     dropout_masks: str | None = setting(
         None, "how LoRA dropout draws its masks: 16bit (16-bit random numbers, four per draw; the probability "
         "rounded to 1/65536) or torch (torch's own dropout)", "choice", choices=("16bit", "torch"), auto=True,

@@ -15,8 +15,8 @@ those of bitsandbytes' path (tests/test_decoded.py). The cost is the 16-bit (or 
 weight, which the plan's memory estimate counts (`estimator.estimate(decoded_weights=True)`).
 
 Measured on a 2-core AVX512-BF16 EPYC under bf16 autocast, the embedded model with every linear layer
-adapted, batches of 4 alpaca rows (benchmarks/decoded_ab.py: the same 4 batches trained in one process,
-alternating, 8 samples each): 0.921 +- 0.012 and 0.922 +- 0.019 of bitsandbytes' time (mean +- standard
+adapted, batches of 4 alpaca rows (benchmarks/lever_ab.py --lever decoded: the same 4 batches trained in
+one process, alternating, 8 samples each): 0.921 +- 0.012 and 0.922 +- 0.019 of bitsandbytes' time (mean +- standard
 error of the pairs' ratios; two sittings), every sample faster; 210 layers keep 0.2 GiB of bf16 weights.
 On throughput.py's levers-off settings (padded rows, checkpointing), where a step is 3.5x longer, 4 samples
 each: 0.999 +- 0.017 and 0.967 +- 0.018, a smaller gain if any.

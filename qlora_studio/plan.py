@@ -158,6 +158,9 @@ class RunPlan:
     # where the LM head and the loss are computed: "labelled" (only positions whose next token is trained;
     # decided once the model is loaded, `batching.labelled_logits_supported`) or "all"
     logits: str = "all"
+    # how the loss is computed from the logits: "chunked" (`loss.causal_lm_loss`, where the model takes
+    # transformers' loss hook, checked when it loads) or "torch" (transformers' own)
+    cross_entropy: str = "torch"
     # how LoRA dropout draws its masks: "16bit" (`dropout.Dropout16`) or "torch" (peft's nn.Dropout)
     dropout_masks: str = "torch"
     # torch threads on the CPU: a number as configured, or None: one per core other processes leave free,
@@ -214,7 +217,8 @@ class RunPlan:
                + (f" -- {r['gradient_checkpointing']}" if r.get("gradient_checkpointing") else ""),
                f"optimizer: {self.optimizer}" + (f" -- {r['optimizer']}" if r.get("optimizer") else ""),
                f"LM head and loss: {'trained positions only' if self.logits == 'labelled' else 'every position'}"
-               + (f" -- {r['logits']}" if r.get("logits") else "")]
+               + (f" -- {r['logits']}" if r.get("logits") else ""),
+               f"cross-entropy: {self.cross_entropy}" + (f" -- {r['cross_entropy']}" if r.get("cross_entropy") else "")]
         if self.sequences:
             out.insert(5, f"batch unit: sequences -- {r.get('batch_unit', '')}")
         if self.quant != "none":
@@ -361,6 +365,12 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
     if config.logits is None:
         reasons["logits"] = ("only at trained positions (prompt and padding skipped; the same loss), where the "
                              "model takes a mask of positions (checked when it loads)")
+    cross_entropy = config.cross_entropy or ("chunked" if device == "cpu" else "torch")
+    if config.cross_entropy is None:
+        reasons["cross_entropy"] = (
+            "a few rows of logits at a time, without an fp32 copy of all of them (the same loss up to fp32 "
+            "rounding), where the model takes transformers' loss hook (checked when it loads)" if device == "cpu"
+            else "transformers' cross-entropy (the chunked one is measured on the CPU only)")
     if config.batch_unit == "sequences":
         tokens = config.batch_size * config.grad_accum * config.max_seq_len
         reasons["batch_unit"] = (f"each step carries up to {tokens:,} tokens of whole examples packed into "
@@ -383,7 +393,8 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
                    lora_dropout=config.lora_dropout, batch_size=config.batch_size, grad_accum=config.grad_accum,
                    max_seq_len=config.max_seq_len, batching=batching, attention=attention,
                    gradient_checkpointing=True, optimizer=optimizer, reasons=reasons, logits=logits,
-                   cpu_threads=config.cpu_threads, batch_unit=config.batch_unit, dropout_masks=dropout_masks)
+                   cpu_threads=config.cpu_threads, batch_unit=config.batch_unit, dropout_masks=dropout_masks,
+                   cross_entropy=cross_entropy)
     plan.gradient_checkpointing, why = plan_memory.checkpointing(config, plan, architecture, machine)
     if why:
         reasons["gradient_checkpointing"] = why

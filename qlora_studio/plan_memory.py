@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from .plan import Machine, RunPlan
 
 GiB = 2**30
-# benchmarks/decoded_ab.py on a 2-core AVX512-BF16 EPYC (`decoded`'s docstring): the same batches, alternating in
-# one training process.
+# benchmarks/lever_ab.py --lever decoded on a 2-core AVX512-BF16 EPYC (`decoded`'s docstring): the same
+# batches, alternating in one training process.
 DECODED_SPEED = "training steps took 0.92x the time on a 2-core CPU"
 
 

@@ -133,6 +133,15 @@ def _fit_plan_to_model(run: RunFolder, cfg: TrainConfig, plan: RunPlan, model, s
             plan.logits = "all"
             plan.reasons["logits"] = "every position: " + why
             adjustments.append("logits labelled -> all: " + why)
+    if plan.cross_entropy == "chunked":
+        from .loss import supported
+
+        ok, why = supported(model)
+        checks["cross_entropy"] = why
+        if not ok:
+            plan.cross_entropy = "torch"
+            plan.reasons["cross_entropy"] = "transformers' cross-entropy: " + why
+            adjustments.append("cross-entropy chunked -> torch: " + why)
     for a in adjustments:
         log("plan adjusted: " + a)
     doc = run.plan()
@@ -235,6 +244,11 @@ def _add_adapters(model, cfg: TrainConfig, plan: RunPlan, resume: bool, log):
 
         log(f"4-bit weights: kept decoded in {keep_decoded(model)} layers "
             f"({plan.reasons.get('decoded_weights') or 'as configured'})")
+    if plan.cross_entropy == "chunked":
+        from .loss import install
+
+        install(model)
+        log(f"cross-entropy: chunked ({plan.reasons.get('cross_entropy') or 'as configured'})")
     if cfg.init_adapter and not resume:
         load_init_adapter(model, cfg.init_adapter, log)
     return model

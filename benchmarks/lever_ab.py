@@ -1,14 +1,18 @@
-"""4-bit weights kept decoded against decoded at each use, inside one training process, on the same batches.
+"""One speed lever on and off, inside one training process, on the same batches.
 
-    python benchmarks/decoded_ab.py                       # 64 alpaca rows, 8 samples of 4 batches each way
-    python benchmarks/decoded_ab.py --samples 4 --levers-off   # on throughput.py's levers-off settings
+    python benchmarks/lever_ab.py --lever decoded        # 64 alpaca rows, 8 samples of 4 batches each way
+    python benchmarks/lever_ab.py --lever loss --samples 4 --levers-off   # on throughput.py's levers-off settings
+
+Levers: ``decoded`` (the 4-bit weights kept decoded, `decoded.keep_decoded`, against bitsandbytes' decoding at
+each use) and ``loss`` (the chunked cross-entropy, `loss.causal_lm_loss`, against transformers'
+``ForCausalLMLoss``).
 
 A run of our trainer (the embedded model, throughput.py's recipe and data) trains as shipped until step 6;
 the batches of steps 2-5 are kept. Then, in the same process, each sample trains those batches again
-(forward, backward, no optimizer step) with the 4-bit layers' kept weights (`decoded.keep_decoded`) or
-with bitsandbytes' forward, the two alternating (ABBA), the same seed before each batch. Printed: each
-sample's seconds, the medians, the mean and standard error of the pairs' ratios (kept / each use), whether
-every loss and the first batch's adapter gradients were bit for bit the same, and the load average.
+(forward, backward, no optimizer step) with the lever on or off, the two alternating (ABBA), the same seed
+before each batch. Printed: each sample's seconds, the medians, the mean and standard error of the pairs'
+ratios (on / off), how far the losses and the first batch's adapter gradients differ (bit for bit the same
+for ``decoded``; fp32 rounding for ``loss``), and the load average.
 
 Comparing inside one process leaves out what separate runs differ in (where the model lands in memory,
 the machine's drift between runs), which on a 2-core VM is larger than this lever.
@@ -29,15 +33,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-VARIANTS = ("each use", "kept")
+VARIANTS = ("off", "on")
 
 
-def _set(model, variant: str) -> None:
+def _decoded(model, on: bool) -> None:
     from bitsandbytes.nn import Linear4bit
 
     from qlora_studio.decoded import keep_decoded
 
-    if variant == "kept":
+    if on:
         keep_decoded(model)  # the kept matrices stay on the layers between samples: nothing is decoded again
         return
     for module in model.modules():
@@ -45,8 +49,22 @@ def _set(model, variant: str) -> None:
             del module.forward  # bitsandbytes' own forward again
 
 
+def _loss(model, on: bool) -> None:
+    from qlora_studio import loss
+
+    if on:
+        loss.install(model)
+    else:
+        loss.uninstall(model)
+
+
+# lever: (switch, the setting and value the run starts with; the samples then alternate)
+LEVERS = {"decoded": (_decoded, ("decoded_weights", True)), "loss": (_loss, ("cross_entropy", "chunked"))}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lever", choices=sorted(LEVERS), required=True)
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--samples", type=int, default=8, help="samples of each variant (alternating)")
     p.add_argument("--levers-off", action="store_true", help="throughput.py's 'ours, levers off' settings")
@@ -57,6 +75,7 @@ def main() -> int:
 
     import throughput
 
+    switch, setting = LEVERS[a.lever]
     batches, result = [], {}
     original = transformers.Trainer.training_step
 
@@ -70,7 +89,7 @@ def main() -> int:
             grads = {}
             for r in range(a.samples):
                 for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
-                    _set(model, v)
+                    switch(model, v == "on")
                     total = 0.0
                     for i, batch in enumerate(batches):
                         torch.manual_seed(r)
@@ -84,15 +103,18 @@ def main() -> int:
                     times[v].append(total)
                 print(f"sample {r + 1}: " + ", ".join(f"{v} {times[v][-1]:.2f} s" for v in VARIANTS)
                       + f"  (load {os.getloadavg()[0]:.2f})", flush=True)
-            result.update(times=times, same_losses=losses["kept"] == losses["each use"],
-                          same_grads=len(grads["kept"]) == len(grads["each use"]) > 0
-                          and all(torch.equal(x, y) for x, y in zip(grads["kept"], grads["each use"])),
-                          grads=len(grads["kept"]))
+            on, off = grads["on"], grads["off"]
+            result.update(times=times, same_losses=losses["on"] == losses["off"],
+                          loss_diff=max(abs(x - y) for x, y in zip(losses["on"], losses["off"])),
+                          same_grads=len(on) == len(off) > 0 and all(torch.equal(x, y) for x, y in zip(on, off)),
+                          grad_diff=max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))
+                                        for x, y in zip(on, off)),
+                          grads=len(on))
             self.control.should_training_stop = True
         return original(self, model, inputs, *args, **kwargs)
 
     transformers.Trainer.training_step = step
-    work = Path(tempfile.mkdtemp(prefix="decoded-ab-"))
+    work = Path(tempfile.mkdtemp(prefix="lever-ab-"))
     os.environ["QLORA_STUDIO_HOME"] = str(work / "home")
     from qlora_studio.models import embedded_model_path
 
@@ -101,21 +123,23 @@ def main() -> int:
     throughput.make_data(data, a.examples, max_words=512, kind="alpaca")
     settings = argparse.Namespace(data="alpaca", batch_size=4, max_seq_len=512, warmup=2)
     overrides = dict(throughput.BASE_OURS) if a.levers_off else {}
-    overrides["decoded_weights"] = True  # the run starts with them kept; the samples alternate
-    print(f"load average before {os.getloadavg()[0]:.2f}; {a.examples} alpaca rows, batches of steps 2-5, "
+    overrides[setting[0]] = setting[1]  # the run starts with the lever on; the samples alternate
+    print(f"lever {a.lever}; load average before {os.getloadavg()[0]:.2f}; {a.examples} alpaca rows, batches of steps 2-5, "
           f"{a.samples} samples each way" + (", levers off" if a.levers_off else ""), flush=True)
     throughput.run_ours(settings, data, model, overrides)
     if not result:
         raise SystemExit("the run ended before step 6: give it more --examples")
     times = result["times"]
-    ratios = [k / e for k, e in zip(times["kept"], times["each use"])]
+    ratios = [k / e for k, e in zip(times["on"], times["off"])]
     se = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
     med = {v: statistics.median(times[v]) for v in VARIANTS}
-    print(f"medians: each use {med['each use']:.2f} s, kept {med['kept']:.2f} s")
-    print(f"kept / each use: {statistics.mean(ratios):.3f} +- {se:.3f} (mean +- standard error of the pairs), "
+    print(f"medians: off {med['off']:.2f} s, on {med['on']:.2f} s")
+    print(f"on / off: {statistics.mean(ratios):.3f} +- {se:.3f} (mean +- standard error of the pairs), "
           f"{sum(x < 1 for x in ratios)} of {len(ratios)} faster")
-    print(f"losses bit for bit the same: {result['same_losses']}; the {result['grads']} adapter gradients of the "
-          f"first batch bit for bit the same: {result['same_grads']}; load average after {os.getloadavg()[0]:.2f}")
+    print(f"losses bit for bit the same: {result['same_losses']} (largest difference {result['loss_diff']:.3g}); "
+          f"the {result['grads']} adapter gradients of the first batch bit for bit the same: {result['same_grads']} "
+          f"(largest difference {result['grad_diff']:.3g} of the largest element); "
+          f"load average after {os.getloadavg()[0]:.2f}")
     print(json.dumps({"ratios": ratios, **{k: v for k, v in result.items() if k != "grads"}}))
     return 0
 
