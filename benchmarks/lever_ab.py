@@ -4,15 +4,16 @@
     python benchmarks/lever_ab.py --lever loss --samples 4 --levers-off   # on throughput.py's levers-off settings
 
 Levers: ``decoded`` (the 4-bit weights kept decoded, `decoded.keep_decoded`, against bitsandbytes' decoding at
-each use) and ``loss`` (the chunked cross-entropy, `loss.causal_lm_loss`, against transformers'
-``ForCausalLMLoss``).
+each use), ``loss`` (the chunked cross-entropy, `loss.causal_lm_loss`, against transformers'
+``ForCausalLMLoss``) and ``fused`` (the LoRA update added in one matrix product, `lora_update.fused_forward`,
+against peft's layer).
 
 A run of our trainer (the embedded model, throughput.py's recipe and data) trains as shipped until step 6;
 the batches of steps 2-5 are kept. Then, in the same process, each sample trains those batches again
 (forward, backward, no optimizer step) with the lever on or off, the two alternating (ABBA), the same seed
 before each batch. Printed: each sample's seconds, the medians, the mean and standard error of the pairs'
 ratios (on / off), how far the losses and the first batch's adapter gradients differ (bit for bit the same
-for ``decoded``; fp32 rounding for ``loss``), and the load average.
+for ``decoded``; rounding for ``loss`` and ``fused``), and the load average.
 
 Comparing inside one process leaves out what separate runs differ in (where the model lands in memory,
 the machine's drift between runs), which on a 2-core VM is larger than this lever.
@@ -58,8 +59,18 @@ def _loss(model, on: bool) -> None:
         loss.uninstall(model)
 
 
+def _fused(model, on: bool) -> None:
+    from qlora_studio import lora_update
+
+    if on:
+        lora_update.fuse(model)
+    else:
+        lora_update.unfuse(model)
+
+
 # lever: (switch, the setting and value the run starts with; the samples then alternate)
-LEVERS = {"decoded": (_decoded, ("decoded_weights", True)), "loss": (_loss, ("cross_entropy", "chunked"))}
+LEVERS = {"decoded": (_decoded, ("decoded_weights", True)), "loss": (_loss, ("cross_entropy", "chunked")),
+          "fused": (_fused, ("lora_update", "fused"))}
 
 
 def main() -> int:

@@ -129,7 +129,7 @@ def run_ours(spec: dict) -> dict:
         raise SystemExit(f"our run did not complete: {status}")
     plan = json.loads((run.path / "plan.json").read_text())["plan"]
     keys = ("precision", "batching", "batch_unit", "attention", "logits", "gradient_checkpointing", "optimizer",
-            "targets", "decoded_weights", "dropout_masks", "cross_entropy")
+            "targets", "decoded_weights", "dropout_masks", "cross_entropy", "lora_update")
     return {"adapter": str(run.adapter), "settings": {k: plan.get(k) for k in keys}}
 
 

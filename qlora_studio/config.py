@@ -159,6 +159,10 @@ class TrainConfig:
         None, "how the loss is computed from the LM head's logits: chunked (a few rows at a time, without an fp32 "
         "copy of all of them; the same loss up to fp32 rounding) or torch (transformers' cross-entropy)", "choice",
         choices=("chunked", "torch"), auto=True, auto_help="chunked on the CPU, torch on a GPU", group="speed")
+    lora_update: str | None = setting(
+        None, "how the LoRA update joins the base layer's output: fused (one matrix product adds it, rounded once) "
+        "or peft (peft's layer: a copy, the product, the scaling and the sum, each a pass over the output)",
+        "choice", choices=("fused", "peft"), auto=True, auto_help="fused on the CPU, peft on a GPU", group="speed")
     dropout_masks: str | None = setting(
         None, "how LoRA dropout draws its masks: 16bit (16-bit random numbers, four per draw; the probability "
         "rounded to 1/65536) or torch (torch's own dropout)", "choice", choices=("16bit", "torch"), auto=True,

@@ -161,6 +161,8 @@ class RunPlan:
     # how the loss is computed from the logits: "chunked" (`loss.causal_lm_loss`, where the model takes
     # transformers' loss hook, checked when it loads) or "torch" (transformers' own)
     cross_entropy: str = "torch"
+    # how the LoRA update joins the base output: "fused" (`lora_update.fused_forward`) or "peft"
+    lora_update: str = "peft"
     # how LoRA dropout draws its masks: "16bit" (`dropout.Dropout16`) or "torch" (peft's nn.Dropout)
     dropout_masks: str = "torch"
     # torch threads on the CPU: a number as configured, or None: one per core other processes leave free,
@@ -218,7 +220,8 @@ class RunPlan:
                f"optimizer: {self.optimizer}" + (f" -- {r['optimizer']}" if r.get("optimizer") else ""),
                f"LM head and loss: {'trained positions only' if self.logits == 'labelled' else 'every position'}"
                + (f" -- {r['logits']}" if r.get("logits") else ""),
-               f"cross-entropy: {self.cross_entropy}" + (f" -- {r['cross_entropy']}" if r.get("cross_entropy") else "")]
+               f"cross-entropy: {self.cross_entropy}" + (f" -- {r['cross_entropy']}" if r.get("cross_entropy") else ""),
+               f"LoRA update: {self.lora_update}" + (f" -- {r['lora_update']}" if r.get("lora_update") else "")]
         if self.sequences:
             out.insert(5, f"batch unit: sequences -- {r.get('batch_unit', '')}")
         if self.quant != "none":
@@ -371,6 +374,12 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
             "a few rows of logits at a time, without an fp32 copy of all of them (the same loss up to fp32 "
             "rounding), where the model takes transformers' loss hook (checked when it loads)" if device == "cpu"
             else "transformers' cross-entropy (the chunked one is measured on the CPU only)")
+    lora_update = config.lora_update or ("fused" if device == "cpu" else "peft")
+    if config.lora_update is None:
+        reasons["lora_update"] = (
+            "one matrix product adds the adapters' update to the base output (peft's layer makes four passes over "
+            "that output more); the same sum, rounded once" if device == "cpu"
+            else "peft's layer (the fused update is measured on the CPU only)")
     if config.batch_unit == "sequences":
         tokens = config.batch_size * config.grad_accum * config.max_seq_len
         reasons["batch_unit"] = (f"each step carries up to {tokens:,} tokens of whole examples packed into "
@@ -394,7 +403,7 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
                    max_seq_len=config.max_seq_len, batching=batching, attention=attention,
                    gradient_checkpointing=True, optimizer=optimizer, reasons=reasons, logits=logits,
                    cpu_threads=config.cpu_threads, batch_unit=config.batch_unit, dropout_masks=dropout_masks,
-                   cross_entropy=cross_entropy)
+                   cross_entropy=cross_entropy, lora_update=lora_update)
     plan.gradient_checkpointing, why = plan_memory.checkpointing(config, plan, architecture, machine)
     if why:
         reasons["gradient_checkpointing"] = why

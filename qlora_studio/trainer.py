@@ -244,6 +244,10 @@ def _add_adapters(model, cfg: TrainConfig, plan: RunPlan, resume: bool, log):
 
         log(f"4-bit weights: kept decoded in {keep_decoded(model)} layers "
             f"({plan.reasons.get('decoded_weights') or 'as configured'})")
+    if plan.lora_update == "fused":
+        from .lora_update import fuse
+
+        log(f"LoRA update: fused in {fuse(model)} layers ({plan.reasons.get('lora_update') or 'as configured'})")
     if plan.cross_entropy == "chunked":
         from .loss import install
 

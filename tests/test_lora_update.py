@@ -1,0 +1,141 @@
+"""The fused LoRA update (`lora_update`): peft's sum up to one rounding, peft's own forward where it does not
+apply, the plan's choice and a run."""
+
+import contextlib
+
+import pytest
+
+from qlora_studio.catalog import load_architecture
+from qlora_studio.compat import keep_4bit_weights_trainable
+from qlora_studio.config import TrainConfig
+from qlora_studio.loading import load_base_model
+from qlora_studio.plan import Machine, plan_run
+from qlora_studio.training import prepare_run, run_training
+
+
+def _adapted(path, quant: str, precision: str = "bf16", **lora):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = load_base_model(path, quant, precision, "cpu")
+    if quant != "none":
+        keep_4bit_weights_trainable(model)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": "all-linear",
+                                                "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM",
+                                                **lora}))
+    with torch.no_grad():  # peft starts B at zero: give the update a value to add
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _loss_and_grads(model, ids, autocast: bool):
+    import torch
+
+    model.zero_grad()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many layer forwards took the fused path."""
+    from qlora_studio import lora_update
+
+    calls = []
+    original = lora_update._fusable
+
+    def counted(*args):
+        name = original(*args)
+        calls.append(name is not None)
+        return name
+
+    monkeypatch.setattr(lora_update, "_fusable", counted)
+    return calls
+
+
+@pytest.mark.parametrize("quant,precision,autocast", [("nf4", "bf16", True), ("nf4", "fp32", False),
+                                                      ("none", "fp32", False), ("none", "bf16", True)])
+def test_the_fused_update_is_pefts_sum_up_to_rounding(tiny_llama, fused_calls, quant, precision, autocast):
+    import torch
+
+    from qlora_studio.lora_update import fuse, unfuse
+
+    model = _adapted(tiny_llama, quant, precision)
+    ids = torch.randint(0, 500, (2, 24))
+    peft_loss, peft_grads = _loss_and_grads(model, ids, autocast)
+    assert fuse(model) == 14
+    fused_loss, fused_grads = _loss_and_grads(model, ids, autocast)
+    assert len(fused_calls) == 14 and all(fused_calls)  # every layer took the fused path
+    bf16 = autocast  # bf16 sums: one rounding where peft makes three
+    assert fused_loss == pytest.approx(peft_loss, rel=2e-3 if bf16 else 1e-6)
+    assert len(fused_grads) == len(peft_grads) == 28
+    for a, b in zip(fused_grads, peft_grads):
+        err = float((a - b).abs().max() / b.abs().max())
+        assert err < (0.08 if bf16 else 1e-4), err
+    unfuse(model)
+    assert _loss_and_grads(model, ids, autocast)[0] == peft_loss
+
+
+def test_the_fused_update_takes_pefts_forward_where_it_does_not_apply(tiny_llama, fused_calls):
+    import torch
+
+    from qlora_studio.lora_update import fuse
+
+    model = _adapted(tiny_llama, "none", "fp32")
+    ids = torch.randint(0, 500, (1, 16))
+    fuse(model)
+    with torch.no_grad():
+        with model.disable_adapter():  # adapters off: the base alone, as peft gives it
+            base = model(input_ids=ids).logits
+        assert fused_calls == [False] * 14
+        adapted = model(input_ids=ids).logits
+    assert not torch.equal(base, adapted) and fused_calls[14:] == [True] * 14
+    dora = _adapted(tiny_llama, "none", "fp32", use_dora=True)
+    with torch.no_grad():
+        expected = dora(input_ids=ids).logits
+        fuse(dora)
+        assert torch.equal(dora(input_ids=ids).logits, expected)  # DoRA: peft's own forward, bit for bit
+    assert fused_calls[28:] == [False] * 14
+    mixed = _adapted(tiny_llama, "none", "bf16")  # a bf16 base without autocast: peft converts, so peft's path
+    fuse(mixed)
+    with torch.no_grad():
+        mixed(input_ids=ids)
+    assert fused_calls[42:] == [False] * 14
+    merged = model.merge_and_unload()  # the merge replaces the layers and the fused forward with them
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-4)  # fp32: the merged sum
+
+
+def test_the_plan_fuses_the_update_on_the_cpu(tiny_llama):
+    arch = load_architecture(tiny_llama)
+    cfg = dict(model=str(tiny_llama), data="x.jsonl")
+    cpu = plan_run(TrainConfig(**cfg), Machine("cpu", ram_available_bytes=8 * 2**30), arch)
+    assert cpu.lora_update == "fused" and "rounded once" in cpu.reasons["lora_update"]
+    assert any(line.startswith("LoRA update: fused -- ") for line in cpu.lines())
+    gpu = plan_run(TrainConfig(**cfg), Machine("cuda", "RTX 3060", (8, 6), 12 * 2**30, 12 * 2**30), arch)
+    assert gpu.lora_update == "peft" and "CPU only" in gpu.reasons["lora_update"]
+    asked = plan_run(TrainConfig(**cfg, lora_update="peft"), Machine("cpu", ram_available_bytes=8 * 2**30), arch)
+    assert asked.lora_update == "peft" and "lora_update" not in asked.reasons
+
+
+def test_a_cpu_run_with_the_fused_update_learns_as_with_pefts(studio_home, tiny_llama, toy_data):
+    losses = {}
+    for name in ("fused", "peft"):
+        cfg = TrainConfig(model=str(tiny_llama), data=str(toy_data), epochs=1, batch_size=4, learning_rate=3e-3,
+                          max_seq_len=256, eval_fraction=0.2, quant="nf4", lora_update=name,
+                          name=f"update-{name}", save_steps=10**6)
+        run = prepare_run(cfg)
+        assert run_training(run)["state"] == "completed"
+        log = (run.path / "train.log").read_text()
+        assert ("LoRA update: fused in 14 layers" in log) == (name == "fused")
+        assert run.plan()["plan"]["lora_update"] == name
+        losses[name] = [r["loss"] for r in run.metrics() if r["type"] == "train" and "loss" in r] + \
+            [r["eval_loss"] for r in run.metrics() if r["type"] == "eval" and "eval_loss" in r]
+    assert len(losses["fused"]) == len(losses["peft"]) >= 3
+    assert losses["fused"] == pytest.approx(losses["peft"], rel=1e-2)
