@@ -7,8 +7,16 @@ layer's own, in the forward pass, and one more (the scaling) in backward. On the
 memory cost more than the adapters' small matrix products. `fused_forward` computes the same sum with one
 ``torch.addmm(base(x), h, B.T, alpha=scaling)``, ``h = lora_A(dropout(x))`` as peft computes it: the base
 output is read once and the sum written once, and the scaling is applied to the small products in
-backward. The sum is rounded once, where peft rounds the product, the scaled product and the sum (under
-bf16 autocast each is a bf16 tensor), so results match peft's up to that rounding.
+backward. The sum is rounded once, where peft rounds the product and the sum (under bf16 autocast each is
+a bf16 tensor), so results match peft's up to that rounding.
+
+Measured on a 2-core AVX512-BF16 EPYC under bf16 autocast (benchmarks/lever_ab.py --lever fused, the
+embedded model, 4 batches of alpaca rows per sample, two processes): 0.973 +- 0.020 (8 samples) and
+0.982 +- 0.009 (10 samples, 9 faster) of the time with peft's layer, about 2%. In fp32 the two give the same
+numbers bit for bit. Under bf16 autocast they differ by rounding: against the same model computed in fp32
+(three texts of 400 tokens), the adapters' gradients were 0.058, 0.072 and 0.042 off (relative norm)
+fused and 0.057, 0.089 and 0.045 with peft's layer; the losses 0.0023, 0.0026 and 0.0064 off fused and
+0.0025, 0.0004 and 0.0012 with peft's: neither is the more accurate.
 
 It is used for a layer with one active adapter of plain LoRA (no DoRA or other variant, no bias on B, not
 merged, no per-example adapters); anything else takes peft's own forward, as does a layer whose inputs

@@ -72,12 +72,15 @@ def test_the_fused_update_is_pefts_sum_up_to_rounding(tiny_llama, fused_calls, q
     assert fuse(model) == 14
     fused_loss, fused_grads = _loss_and_grads(model, ids, autocast)
     assert len(fused_calls) == 14 and all(fused_calls)  # every layer took the fused path
-    bf16 = autocast  # bf16 sums: one rounding where peft makes three
-    assert fused_loss == pytest.approx(peft_loss, rel=2e-3 if bf16 else 1e-6)
     assert len(fused_grads) == len(peft_grads) == 28
-    for a, b in zip(fused_grads, peft_grads):
-        err = float((a - b).abs().max() / b.abs().max())
-        assert err < (0.08 if bf16 else 1e-4), err
+    if not autocast:  # fp32: the same numbers bit for bit
+        assert fused_loss == peft_loss
+        assert all(torch.equal(a, b) for a, b in zip(fused_grads, peft_grads))
+    else:  # bf16 sums: rounded once where peft rounds the product and the sum
+        assert fused_loss == pytest.approx(peft_loss, rel=2e-3)
+        for a, b in zip(fused_grads, peft_grads):
+            err = float((a - b).abs().max() / b.abs().max())
+            assert err < 0.08, err
     unfuse(model)
     assert _loss_and_grads(model, ids, autocast)[0] == peft_loss
 
@@ -135,7 +138,8 @@ def test_a_cpu_run_with_the_fused_update_learns_as_with_pefts(studio_home, tiny_
         log = (run.path / "train.log").read_text()
         assert ("LoRA update: fused in 14 layers" in log) == (name == "fused")
         assert run.plan()["plan"]["lora_update"] == name
-        losses[name] = [r["loss"] for r in run.metrics() if r["type"] == "train" and "loss" in r] + \
-            [r["eval_loss"] for r in run.metrics() if r["type"] == "eval" and "eval_loss" in r]
+        # train losses: evaluations are paced by time, so two runs may evaluate at different steps
+        losses[name] = [r["loss"] for r in run.metrics() if r["type"] == "train" and "loss" in r]
+        assert any(r["type"] == "eval" and "eval_loss" in r for r in run.metrics())
     assert len(losses["fused"]) == len(losses["peft"]) >= 3
     assert losses["fused"] == pytest.approx(losses["peft"], rel=1e-2)

@@ -119,7 +119,8 @@ def test_a_cpu_run_with_the_chunked_loss_learns_as_with_torchs(studio_home, tiny
         log = (run.path / "train.log").read_text()
         assert ("cross-entropy: chunked" in log) == (name == "chunked")
         assert run.plan()["plan"]["cross_entropy"] == name
-        losses[name] = [r["loss"] for r in run.metrics() if r["type"] == "train" and "loss" in r] + \
-            [r["eval_loss"] for r in run.metrics() if r["type"] == "eval" and "eval_loss" in r]
+        # train losses: evaluations are paced by time, so two runs may evaluate at different steps
+        losses[name] = [r["loss"] for r in run.metrics() if r["type"] == "train" and "loss" in r]
+        assert any(r["type"] == "eval" and "eval_loss" in r for r in run.metrics())
     assert len(losses["chunked"]) == len(losses["torch"]) >= 3
     assert losses["chunked"] == pytest.approx(losses["torch"], rel=2e-3)
