@@ -377,8 +377,9 @@ def plan_run(config: TrainConfig, machine: Machine, architecture=None, *, module
     lora_update = config.lora_update or ("fused" if device == "cpu" else "peft")
     if config.lora_update is None:
         reasons["lora_update"] = (
-            "one matrix product adds the adapters' update to the base output (peft's layer makes four passes over "
-            "that output more); the same sum, rounded once" if device == "cpu"
+            "one matrix product adds the adapters' update to the base output, where peft's layer copies that output "
+            "and computes the product, the scaling and the sum in separate passes; the same sum, rounded once"
+            if device == "cpu"
             else "peft's layer (the fused update is measured on the CPU only)")
     if config.batch_unit == "sequences":
         tokens = config.batch_size * config.grad_accum * config.max_seq_len
