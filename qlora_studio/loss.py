@@ -11,7 +11,7 @@ writes the gradient ``(softmax - one_hot) * scale`` straight into the logits' dt
 gradients are those of torch's cross-entropy up to fp32 rounding (the same formula, summed in another order).
 
 Measured on a 2-core AVX512-BF16 EPYC under bf16 autocast: the loss and its backward for 205 positions of
-the embedded model's vocabulary took 18-21 ms against 52-60 ms for transformers' (the LM head left out); in
+the embedded model's vocabulary took 21-23 ms against 57-62 ms for transformers' (the LM head left out); in
 training (benchmarks/lever_ab.py --lever loss, three processes of 6, 10 and 10 samples) 1.056 +- 0.025,
 0.957 +- 0.013 and 0.980 +- 0.014 of the time with transformers' loss, a gain of 1-2% at most, at this
 machine's noise; a step's memory loses the fp32 logits and log-probabilities. On the embedded model's bf16

@@ -89,6 +89,7 @@ def _fit_plan_to_model(run: RunFolder, cfg: TrainConfig, plan: RunPlan, model, s
     Packing is used only where the attention keeps packed examples apart. Each change is recorded in
     plan.json's ``adjustments``."""
     from .batching import labelled_logits_supported, packing_respected
+    from .loss import supported as loss_supported
     from .loading import count_parameters, linear_module_names
 
     adjustments = []
@@ -126,22 +127,18 @@ def _fit_plan_to_model(run: RunFolder, cfg: TrainConfig, plan: RunPlan, model, s
         plan.batch_unit = "examples"
         plan.reasons["batch_unit"] = "examples: sequences need packed batches, and this run's are " + plan.batching
         adjustments.append("batch unit sequences -> examples: the batches are not packed")
-    if plan.logits == "labelled":
-        ok, why = labelled_logits_supported(model)
-        checks["logits"] = why
-        if not ok:
-            plan.logits = "all"
-            plan.reasons["logits"] = "every position: " + why
-            adjustments.append("logits labelled -> all: " + why)
-    if plan.cross_entropy == "chunked":
-        from .loss import supported
-
+    # speed settings the loaded model must support: (plan field, planned value, check, fallback, its reason)
+    for key, planned, supported, fallback, reason in (
+            ("logits", "labelled", labelled_logits_supported, "all", "every position"),
+            ("cross_entropy", "chunked", loss_supported, "torch", "transformers' cross-entropy")):
+        if getattr(plan, key) != planned:
+            continue
         ok, why = supported(model)
-        checks["cross_entropy"] = why
+        checks[key] = why
         if not ok:
-            plan.cross_entropy = "torch"
-            plan.reasons["cross_entropy"] = "transformers' cross-entropy: " + why
-            adjustments.append("cross-entropy chunked -> torch: " + why)
+            setattr(plan, key, fallback)
+            plan.reasons[key] = f"{reason}: {why}"
+            adjustments.append(f"{key} {planned} -> {fallback}: {why}")
     for a in adjustments:
         log("plan adjusted: " + a)
     doc = run.plan()

@@ -78,3 +78,19 @@ def write_sql_like_data(path: Path, n: int = 64, seed: int = 0) -> Path:
 @pytest.fixture()
 def toy_data(tmp_path) -> Path:
     return write_sql_like_data(tmp_path / "toy.jsonl")
+
+
+def train_tiny(tiny_llama, data, name: str, **settings):
+    """A short 4-bit CPU run of the tiny Llama (one epoch, batch 4) with ``settings``; it must complete.
+    Returns the run, its train.log and its train losses (evaluations are paced by time, so two runs may
+    evaluate at different steps: their losses are not comparable step for step)."""
+    from qlora_studio.config import TrainConfig
+    from qlora_studio.training import prepare_run, run_training
+
+    cfg = TrainConfig(**{"model": str(tiny_llama), "data": str(data), "epochs": 1, "batch_size": 4,
+                         "learning_rate": 3e-3, "max_seq_len": 256, "eval_fraction": 0.0, "quant": "nf4",
+                         "name": name, "save_steps": 10**6, **settings})
+    run = prepare_run(cfg)
+    assert run_training(run)["state"] == "completed"
+    losses = [r["loss"] for r in run.metrics() if r["type"] == "train" and "loss" in r]
+    return run, (run.path / "train.log").read_text(), losses

@@ -3,6 +3,7 @@ as bitsandbytes' decoding at each use."""
 
 import pytest
 
+from conftest import train_tiny
 from qlora_studio.catalog import load_architecture
 from qlora_studio.compat import keep_4bit_weights_trainable
 from qlora_studio.config import TrainConfig
@@ -147,15 +148,9 @@ def test_the_plan_keeps_the_weights_decoded_on_the_cpu_when_the_copy_fits_and_co
 def test_a_cpu_run_with_decoded_weights_learns_exactly_as_with_decoding_at_each_use(studio_home, tiny_llama, toy_data):
     losses = {}
     for name, decoded in (("auto", None), ("each-use", False)):
-        cfg = TrainConfig(model=str(tiny_llama), data=str(toy_data), epochs=1, batch_size=4, learning_rate=3e-3,
-                          max_seq_len=256, eval_fraction=0.0, quant="nf4", decoded_weights=decoded,
-                          name=f"decoded-{name}", save_steps=10**6)
-        run = prepare_run(cfg)
-        assert run_training(run)["state"] == "completed"
-        log = (run.path / "train.log").read_text()
+        run, log, losses[name] = train_tiny(tiny_llama, toy_data, f"decoded-{name}", decoded_weights=decoded)
         assert ("4-bit weights: kept decoded in 14 layers" in log) == (decoded is None)
         assert run.plan()["plan"]["decoded_weights"] is (decoded is None)
-        losses[name] = [r["loss"] for r in run.metrics() if r["type"] == "train"]
     assert len(losses["auto"]) >= 2 and losses["auto"] == losses["each-use"]
 
 

@@ -10,7 +10,7 @@ from qlora_studio.compat import keep_4bit_weights_trainable
 from qlora_studio.config import TrainConfig
 from qlora_studio.loading import load_base_model
 from qlora_studio.plan import Machine, plan_run
-from qlora_studio.training import prepare_run, run_training
+from conftest import train_tiny
 
 
 def _adapted(path, quant: str, precision: str = "bf16", **lora):
@@ -130,16 +130,8 @@ def test_the_plan_fuses_the_update_on_the_cpu(tiny_llama):
 def test_a_cpu_run_with_the_fused_update_learns_as_with_pefts(studio_home, tiny_llama, toy_data):
     losses = {}
     for name in ("fused", "peft"):
-        cfg = TrainConfig(model=str(tiny_llama), data=str(toy_data), epochs=1, batch_size=4, learning_rate=3e-3,
-                          max_seq_len=256, eval_fraction=0.2, quant="nf4", lora_update=name,
-                          name=f"update-{name}", save_steps=10**6)
-        run = prepare_run(cfg)
-        assert run_training(run)["state"] == "completed"
-        log = (run.path / "train.log").read_text()
+        run, log, losses[name] = train_tiny(tiny_llama, toy_data, f"update-{name}", lora_update=name)
         assert ("LoRA update: fused in 14 layers" in log) == (name == "fused")
         assert run.plan()["plan"]["lora_update"] == name
-        # train losses: evaluations are paced by time, so two runs may evaluate at different steps
-        losses[name] = [r["loss"] for r in run.metrics() if r["type"] == "train" and "loss" in r]
-        assert any(r["type"] == "eval" and "eval_loss" in r for r in run.metrics())
     assert len(losses["fused"]) == len(losses["peft"]) >= 3
     assert losses["fused"] == pytest.approx(losses["peft"], rel=1e-2)
