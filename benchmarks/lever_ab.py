@@ -6,7 +6,8 @@
 Levers: ``decoded`` (the 4-bit weights kept decoded, `decoded.keep_decoded`, against bitsandbytes' decoding at
 each use), ``loss`` (the chunked cross-entropy, `loss.causal_lm_loss`, against transformers'
 ``ForCausalLMLoss``) and ``fused`` (the LoRA update added in one matrix product, `lora_update.fused_forward`,
-against peft's layer).
+against peft's layer) and ``masks`` (LoRA dropout with 16-bit masks, `dropout.Dropout16`, against torch's
+``nn.Dropout``).
 
 A run of our trainer (the embedded model, throughput.py's recipe and data) trains as shipped until step 6;
 the batches of steps 2-5 are kept. Then, in the same process, each sample trains those batches again
@@ -68,9 +69,25 @@ def _fused(model, on: bool) -> None:
         lora_update.unfuse(model)
 
 
+def _masks(model, on: bool) -> None:
+    import torch
+
+    from qlora_studio.dropout import Dropout16, use_16bit_masks
+
+    if on:
+        use_16bit_masks(model)
+        return
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, dropout in list(dropouts.items()):
+                if isinstance(dropout, Dropout16):
+                    dropouts[name] = torch.nn.Dropout(dropout.p)
+
+
 # lever: (switch, the setting and value the run starts with; the samples then alternate)
 LEVERS = {"decoded": (_decoded, ("decoded_weights", True)), "loss": (_loss, ("cross_entropy", "chunked")),
-          "fused": (_fused, ("lora_update", "fused"))}
+          "fused": (_fused, ("lora_update", "fused")), "masks": (_masks, ("dropout_masks", "16bit"))}
 
 
 def main() -> int:

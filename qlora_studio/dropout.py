@@ -1,29 +1,30 @@
-"""LoRA dropout whose masks cost a third of torch's on the CPU (``dropout_masks: 16bit``).
+"""LoRA dropout whose masks cost a fraction of torch's on the CPU (``dropout_masks: 16bit``).
 
 peft applies ``nn.Dropout`` to each adapter's input: one fresh mask per adapted layer per forward, 210 of
 them a step for the embedded model with every linear layer adapted. On the CPU, torch draws each mask
 element from its Mersenne Twister one at a time (``bernoulli_``, on one thread): LoRA dropout 0.05 made the
-embedded model's forward and backward passes 1.4x slower than no dropout. `Dropout16` draws 64
-random bits at a time from the same generator and reads them as four 16-bit numbers: an element is dropped
-when its number falls under ``round(p * 65536)``. So the drop probability is ``p`` rounded to 1/65536 (0.05
-becomes 0.0500031), the kept elements are scaled by 1 / (1 - that probability), so the expected output
-is the input exactly, and each element is dropped independently, as with ``nn.Dropout``. The mask is kept
-for the backward pass as one byte per element (torch keeps a 4-byte float).
+embedded model's forward and backward passes 1.4x slower than no dropout. `Dropout16` reads each 64-bit
+random number as four 16-bit numbers: an element is dropped when its number falls under
+``round(p * 65536)``. So the drop probability is ``p`` rounded to 1/65536 (0.05 becomes 0.0500031), the
+kept elements are scaled by 1 / (1 - that probability), so the expected output is the input exactly, and
+each element is dropped independently, as with ``nn.Dropout``.
 
-Measured on a 2-core AVX2 CPU, a mask for 600 tokens x 576 features: ``F.dropout`` 2.54 ms; 64-bit draws
-0.46 ms, the comparison 0.11 ms, the scaling 0.18 ms. Forward and backward passes of the embedded model
-(the same model, alternating): 1.19-1.23x torch's; one epoch of the demo data (benchmarks/throughput.py,
-"ours, dropout masks from torch"): 1.09-1.11x.
+The 64-bit numbers are SplitMix64's (`random_bits`): its mixing function applied to the counters
+``seed + i * gamma``, the way Java's SplittableRandom draws, computed with torch's elementwise kernels,
+which run on every core where the Mersenne Twister runs on one. The seed is one draw from torch's default
+generator per mask, so a run's seed and a resumed checkpoint's saved RNG state decide the masks, as they do
+torch's. For a 16-bit input the mask is made in its dtype (0 and 1, exact), so that neither pass casts it;
+wider inputs keep it as one byte an element. The fused LoRA update (`lora_update`) applies the
+1 / (1 - p) to the adapter's small products (`Dropout16.unscaled`) instead of a pass over the input each way.
 
-The mask is kept as 0/1 bytes (uint8), not as bools: torch's CPU kernels for bool tensors are not
-vectorized. On a 2-core AVX-512 CPU, 700 x 576 elements: the comparison written into bytes 31-33 us
-against 106-113 us into bools; ``x * mask * scale`` with the byte mask cast to x's dtype 70-79 us in fp32
-and 112-113 us in bf16, against 184-202 and 299-303 us for ``native_dropout_backward`` with the bool mask.
-The outputs and gradients are bit for bit the same; whole training steps differed by less than that
-machine's noise.
-
-The random numbers come from torch's default generator, so a run's seed and a resumed checkpoint's saved
-RNG state decide the masks, as they do torch's.
+Measured on a 2-core AVX512-BF16 EPYC, a mask for 878 tokens x 576 features (126,000 64-bit numbers): the
+Mersenne Twister's 64-bit draws 363-411 us, SplitMix64 240-241 us. Drawing the mask and applying it forward
+and backward, three runs of the same alternating comparison: 1,575, 1,739 and 792 us the previous way
+(Mersenne Twister, a byte mask cast to bf16 and a scaling pass each way), 468, 496 and 457 us now (the
+machine's speed varied between the runs). Training (benchmarks/lever_ab.py, the embedded model under bf16
+autocast, 4 batches of alpaca rows per sample, 8 samples alternating): 0.949 +- 0.015 of the time with the
+previous masks (Mersenne Twister draws, a byte mask, the scaling as a pass); 0.805 +- 0.003 of the time
+with torch's ``nn.Dropout`` (6 samples, every one faster).
 """
 
 from __future__ import annotations
@@ -32,15 +33,49 @@ import torch
 
 SCALE = 1 << 16  # 16-bit draws
 
+# SplitMix64 (Steele, Lea and Flood 2014; the mixing constants of Stafford's "Mix13"), in int64 two's complement
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIXES = ((30, 0xBF58476D1CE4E5B9 - (1 << 64)), (27, 0x94D049BB133111EB - (1 << 64)), (31, None))
+_COUNTERS: dict = {}  # CPU: arange(n) * golden gamma, kept and grown as needed
+
+
+def random_bits(n: int, device, seed: int | None = None):
+    """``n`` random 64-bit numbers (int64): SplitMix64's output for the counters ``seed + i * gamma``, computed
+    with torch's elementwise kernels (on every core). The seed is one draw from torch's default generator, so
+    ``torch.manual_seed`` and a checkpoint's saved RNG state decide the numbers."""
+    if seed is None:
+        seed = int(torch.empty((), dtype=torch.int64).random_(-2**63, None))
+    device = torch.device(device)
+    if device.type == "cpu":
+        base = _COUNTERS.get("cpu")
+        if base is None or base.numel() < n:
+            base = _COUNTERS["cpu"] = torch.arange(max(n, 2 * (0 if base is None else base.numel())),
+                                                   dtype=torch.int64).mul_(_GOLDEN)
+        z = base[:n] + seed
+    else:
+        z = torch.arange(n, dtype=torch.int64, device=device).mul_(_GOLDEN).add_(seed)
+    shifted = torch.empty_like(z)
+    for shift, mix in _MIXES:  # z ^= z >> shift (logical: the arithmetic shift's sign bits masked off)
+        z.bitwise_xor_(torch.bitwise_right_shift(z, shift, out=shifted).bitwise_and_((1 << (64 - shift)) - 1))
+        if mix is not None:
+            z.mul_(mix)
+    return z
+
+
+def keep_mask(x, threshold: int):
+    """0/1 per element of ``x``, 1 where its 16-bit number is at least ``threshold`` (numbers uniform on
+    [-32768, 32767]): in x's dtype for 16-bit x (multiplied without a cast), else one byte an element."""
+    n = x.numel()
+    bits = random_bits((n + 3) // 4, x.device)
+    dtype = x.dtype if x.element_size() <= 2 else torch.uint8
+    return torch.ge(bits.view(torch.int16)[:n].view(x.shape), threshold,
+                    out=torch.empty(x.shape, dtype=dtype, device=x.device))
+
 
 class _Dropout16(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, threshold: int, scale: float):
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
-        # int16 draws are uniform on [-32768, 32767]; the mask is 0/1 bytes, not bools (see the module)
-        keep = torch.ge(bits.view(torch.int16)[:n].view(x.shape), threshold,
-                        out=torch.empty(x.shape, dtype=torch.uint8, device=x.device))
+        keep = keep_mask(x, threshold)
         ctx.save_for_backward(keep)
         ctx.scale = scale
         return _masked(x, keep, scale)
@@ -52,8 +87,10 @@ class _Dropout16(torch.autograd.Function):
 
 
 def _masked(x, keep, scale: float):
-    """``x * keep * scale``: the 0/1 mask cast to x's dtype, so both products are same-dtype kernels."""
-    return torch.mul(x, keep.to(x.dtype)).mul_(scale)
+    """``x * keep * scale``, the byte mask cast to x's dtype so that both products are same-dtype kernels; no
+    scaling pass when ``scale`` is 1 (the fused LoRA update applies it to the small products instead)."""
+    out = torch.mul(x, keep if keep.dtype == x.dtype else keep.to(x.dtype))
+    return out if scale == 1 else out.mul_(scale)
 
 
 class Dropout16(torch.nn.Module):
@@ -71,6 +108,12 @@ class Dropout16(torch.nn.Module):
         if not self.training or self.dropped == 0:
             return x
         return _Dropout16.apply(x, self.dropped - SCALE // 2, self.scale)
+
+    def unscaled(self, x):
+        """``(x * mask, scale)``: the dropout without its 1 / (1 - p), for a caller that applies it later."""
+        if not self.training or self.dropped == 0:
+            return x, 1.0
+        return _Dropout16.apply(x, self.dropped - SCALE // 2, 1.0), self.scale
 
     def extra_repr(self) -> str:
         return f"p={self.p:.7g}"

@@ -29,6 +29,8 @@ import types
 
 import torch
 
+from .dropout import Dropout16
+
 
 def _fusable(layer, x, args, kwargs) -> str | None:
     """The active adapter's name when the fused path computes what peft's would, else None."""
@@ -50,9 +52,14 @@ def fused_forward(self, x, *args, **kwargs):
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
-    h = self.lora_A[name](self.lora_dropout[name](x))
+    dropout = self.lora_dropout[name]
+    if isinstance(dropout, Dropout16):  # its 1 / (1 - p) goes into alpha: one pass less each way
+        dropped, scale = dropout.unscaled(x)
+    else:
+        dropped, scale = dropout(x), 1.0
+    h = self.lora_A[name](dropped)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
-                      self.lora_B[name].weight.t(), alpha=self.scaling[name])
+                      self.lora_B[name].weight.t(), alpha=self.scaling[name] * scale)
     return out.view(result.shape)
 
 

@@ -85,6 +85,36 @@ def test_the_fused_update_is_pefts_sum_up_to_rounding(tiny_llama, fused_calls, q
     assert _loss_and_grads(model, ids, autocast)[0] == peft_loss
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_with_16bit_dropout_the_fused_update_scales_the_small_products_and_matches_pefts(tiny_llama, autocast):
+    """`Dropout16.unscaled` leaves 1 / (1 - p) to the addmm's alpha: the same masks (the same seed), the same
+    sum up to rounding, where peft's layer scales the dropped input."""
+    import torch
+
+    from qlora_studio.dropout import use_16bit_masks
+    from qlora_studio.lora_update import fuse
+
+    model = _adapted(tiny_llama, "nf4", "bf16" if autocast else "fp32", lora_dropout=0.3)
+    assert use_16bit_masks(model) == 14
+    model.train()
+    ids = torch.randint(0, 500, (2, 24))
+    results = {}
+    for fused in (False, True):
+        if fused:
+            fuse(model)
+        torch.manual_seed(5)
+        results[fused] = _loss_and_grads(model, ids, autocast)
+    torch.manual_seed(6)  # other masks: another loss (the dropout is drawn)
+    other = _loss_and_grads(model, ids, autocast)[0]
+    (peft_loss, peft_grads), (fused_loss, fused_grads) = results[False], results[True]
+    assert other != fused_loss
+    tolerance = 2e-3 if autocast else 1e-5
+    assert fused_loss == pytest.approx(peft_loss, rel=tolerance)
+    for a, b in zip(fused_grads, peft_grads, strict=True):
+        err = float((a - b).abs().max() / b.abs().max())
+        assert err < (0.08 if autocast else 1e-4), err
+
+
 def test_the_fused_update_takes_pefts_forward_where_it_does_not_apply(tiny_llama, fused_calls):
     import torch
 

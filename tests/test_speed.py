@@ -341,6 +341,48 @@ def test_16bit_dropout_masks_drop_at_the_rate_asked_each_element_alone_and_keep_
     assert drop.eval()(x) is x and Dropout16(0.0).train()(x) is x
     with pytest.raises(ValueError):
         Dropout16(1.0)
+    # consecutive masks are independent of each other
+    torch.manual_seed(0)
+    first, second = (drop.train()(torch.ones(400, 1000)) == 0 for _ in range(2))
+    assert (first & second).float().mean().item() == pytest.approx(p * p, abs=4 * (p * p / n) ** 0.5)
+
+
+def test_16bit_dropout_numbers_are_splitmix64_and_a_16bit_input_keeps_its_mask_in_its_own_dtype():
+    import torch
+
+    from qlora_studio.dropout import Dropout16, random_bits
+
+    # SplitMix64's published outputs for the seed 1234567 (its first output is that of counter 1)
+    assert [v % 2**64 for v in random_bits(4, "cpu", seed=1234567)[1:].tolist()] == [
+        6457827717110365317, 3203168211198807973, 9817491932198370423]
+    gamma, mask = 0x9E3779B97F4A7C15, 2**64 - 1
+
+    def splitmix64(counter):
+        z = counter & mask
+        for shift, mix in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            z = ((z ^ (z >> shift)) * mix) & mask
+        return z ^ (z >> 31)
+
+    seed = -(2**62) - 12345  # a negative seed, and more counters than any call before kept
+    bits = random_bits(300_000, "cpu", seed=seed)
+    for i in (0, 1, 77_777, 299_999):
+        assert bits[i].item() % 2**64 == splitmix64(seed + i * gamma)
+    torch.manual_seed(3)
+    a = random_bits(10, "cpu")
+    torch.manual_seed(3)
+    assert torch.equal(a, random_bits(10, "cpu")) and not torch.equal(a, random_bits(10, "cpu"))
+
+    drop = Dropout16(0.25).train()
+    x = torch.randn(300, 500, dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(1)
+    y = drop(x)
+    (keep,) = y.grad_fn.saved_tensors
+    assert keep.dtype == torch.bfloat16 and set(keep.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(y, (x * keep * drop.scale).detach())
+    torch.manual_seed(1)
+    z, scale = drop.unscaled(x)  # the same mask, the scaling left to the caller
+    assert scale == drop.scale and torch.equal(z, (x * keep).detach())
+    assert drop.eval().unscaled(x) == (x, 1.0)
 
 
 def test_a_cpu_run_uses_16bit_dropout_masks_learns_as_with_torchs_and_repeats_itself(studio_home, tiny_llama, tmp_path):
