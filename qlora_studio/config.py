@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .estimator import OPTIMIZERS
 from .metrics import METRICS
 
 AUTO = "auto"
@@ -171,8 +172,8 @@ class TrainConfig:
         None, "torch threads when training on the CPU", "int", auto=True, minimum=1, maximum=1024,
         auto_help="one per core that other processes leave free, checked between steps", group="speed")
     optimizer: str | None = setting(None, "optimizer", "choice",
-                                    choices=("paged_adamw_8bit", "adamw_8bit", "adamw_torch"), auto=True,
-                                    auto_help="paged_adamw_8bit on a GPU, adamw_torch on the CPU", group="speed")
+                                    choices=OPTIMIZERS, auto=True,
+                                    auto_help="paged_adamw_8bit on a GPU, adamw_torch_fused on the CPU", group="speed")
     device: str | None = setting(None, "where to train", "choice", choices=("cuda", "cpu"), auto=True,
                                  auto_help="the GPU if there is one", group="speed")
     seed: int = setting(42, "random seed", "int", minimum=0, group="speed")

@@ -37,7 +37,7 @@ BREAKDOWN_KEYS = ("weights", "adapters", "optimizer", "gradients", "activations"
 
 METHODS = ("qlora", "lora", "full")
 QUANTS = ("nf4", "fp4", "none")
-OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_torch")
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused")
 ATTENTIONS = ("sdpa", "eager", "packed_sdpa")
 TARGETS = ("attention", "all")
 COMPUTE_DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -164,6 +164,7 @@ def optimizer_bytes(tensor_sizes: list[int], optimizer: str) -> int:
     """AdamW keeps two states per trainable value.
 
     adamw_torch: two fp32 states (8 B) + one fp32 temporary during the foreach step (4 B).
+    adamw_torch_fused: two fp32 states (8 B); torch's fused kernel updates each tensor in place.
     adamw_8bit / paged_adamw_8bit: two 8-bit states (2 B) + one fp32 absmax per 256 values per state;
     tensors under 4096 values keep 32-bit states (8 B)."""
     if optimizer not in OPTIMIZERS:
@@ -172,6 +173,8 @@ def optimizer_bytes(tensor_sizes: list[int], optimizer: str) -> int:
     for n in tensor_sizes:
         if optimizer == "adamw_torch":
             total += 8 * n + 4 * n
+        elif optimizer == "adamw_torch_fused":
+            total += 8 * n
         elif n < OPT8_MIN_SIZE:
             total += 8 * n
         else:
@@ -373,6 +376,8 @@ def estimate(
     optimizer_total = optimizer_bytes(sizes, optimizer)
     if optimizer == "adamw_torch":
         assumptions.append("AdamW 32-bit: two fp32 states (8 B/param) + an fp32 temporary in the foreach step")
+    elif optimizer == "adamw_torch_fused":
+        assumptions.append("AdamW 32-bit, torch's fused kernel: two fp32 states (8 B/param), updated in place")
     else:
         assumptions.append("AdamW 8-bit (bitsandbytes): ~2 B/param + block scales")
         if optimizer.startswith("paged"):

@@ -122,7 +122,7 @@ def test_a_cpu_plan():
     plan = plan_run(TrainConfig(data="x"), Machine("cpu", ram_available_bytes=16 * GiB, cpu_bf16=True),
                     load_architecture("SmolLM2-135M"))
     assert (plan.device, plan.precision, plan.optimizer, plan.attention, plan.batching) == \
-        ("cpu", "bf16", "adamw_torch", "packed_sdpa", "packed")
+        ("cpu", "bf16", "adamw_torch_fused", "packed_sdpa", "packed")
     avx2 = plan_run(TrainConfig(data="x"), Machine("cpu", ram_available_bytes=16 * GiB), load_architecture("SmolLM2-135M"))
     assert avx2.precision == "fp32" and "no native bf16" in avx2.reasons["precision"]
     assert avx2.memory["estimate_bytes"] > plan.memory["estimate_bytes"]  # fp32 activations are twice as big

@@ -29,7 +29,7 @@ def test_tiny_llama_run_writes_a_complete_run_folder(studio_home, tiny_llama, to
     status = run_training(run)
     assert status["state"] == "completed", status.get("error")
     config, plan = run.config(), run.plan()
-    assert config["data_sha256"] and plan["plan"]["rank"] == 16 and plan["plan"]["optimizer"] == "adamw_torch"
+    assert config["data_sha256"] and plan["plan"]["rank"] == 16 and plan["plan"]["optimizer"] == "adamw_torch_fused"
     assert set(config) == set(TrainConfig.known()) | {"data_sha256"}, "config.json holds the settings as given"
     assert config["rank"] is None and config["optimizer"] is None, "automatic stays automatic in config.json"
     assert 0 < plan["model"]["trainable_share"] < 1 and plan["schedule"]["total_steps"] == 8
@@ -46,6 +46,10 @@ def test_tiny_llama_run_writes_a_complete_run_folder(studio_home, tiny_llama, to
     assert (run.adapter / "adapter_config.json").is_file() and (run.adapter / "adapter_model.safetensors").is_file()
     assert run.last_checkpoint() is not None
     assert "trainable" in (run.path / "train.log").read_text()
+    import torch
+
+    saved = torch.load(run.last_checkpoint() / "optimizer.pt", weights_only=True)  # the optimizer the plan named
+    assert saved["param_groups"][0]["fused"] is True and saved["state"]
 
 
 @pytest.mark.parametrize("quant", ["nf4", "fp4"])
