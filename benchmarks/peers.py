@@ -355,7 +355,7 @@ def main() -> int:
     rows, table = summarize(a.systems, runs, losses, budget)
     print(f"\nheld-out loss of the base model: {losses['base']:.4f}\n\n{table}\n")
     shown = ("precision", "batching", "attention", "logits", "gradient_checkpointing", "decoded_weights",
-             "dropout_masks", "cross_entropy", "lora_update", "packing", "padding_free",
+             "dropout_masks", "cross_entropy", "lora_update", "optimizer", "packing", "padding_free",
              "completion_only_loss", "template", "cutoff_len", "peer_dtype")
     for row in rows:
         r = next(x for x in runs if x["system"] == row["system"])

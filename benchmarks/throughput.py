@@ -47,7 +47,8 @@ from qlora_studio.home import resource_dir  # noqa: E402
 
 LORA = dict(r=16, alpha=32, dropout=0.05)
 BASE_OURS = {"batching": "padded", "attention": "sdpa", "gradient_checkpointing": True, "logits": "all",
-             "dropout_masks": "torch", "decoded_weights": False, "cross_entropy": "torch", "lora_update": "peft"}
+             "dropout_masks": "torch", "decoded_weights": False, "cross_entropy": "torch", "lora_update": "peft",
+             "optimizer": "adamw_torch"}
 CONFIGS = {
     # name: (side, overrides of our TrainConfig)
     "reference": ("reference", {}),
@@ -61,6 +62,7 @@ CONFIGS = {
     "+ 4-bit weights kept decoded": ("ours", dict(BASE_OURS, decoded_weights=True)),
     "+ chunked cross-entropy": ("ours", dict(BASE_OURS, cross_entropy="chunked")),
     "+ fused LoRA update": ("ours", dict(BASE_OURS, lora_update="fused")),
+    "+ fused AdamW": ("ours", dict(BASE_OURS, optimizer="adamw_torch_fused")),
     "ours, LM head everywhere": ("ours", {"logits": "all"}),
     "ours, SDPA attention": ("ours", {"attention": "sdpa"}),  # SDPA over whole packed rows, with a mask
     "ours, eager attention": ("ours", {"attention": "eager"}),  # against SDPA per packed example
@@ -68,6 +70,7 @@ CONFIGS = {
     "ours, 4-bit weights decoded at each use": ("ours", {"decoded_weights": False}),  # against kept decoded
     "ours, transformers' cross-entropy": ("ours", {"cross_entropy": "torch"}),  # against the chunked one
     "ours, peft's LoRA update": ("ours", {"lora_update": "peft"}),  # against the fused one
+    "ours, foreach AdamW": ("ours", {"optimizer": "adamw_torch"}),  # against torch's fused AdamW
     "ours, attention in bf16": ("ours", {"_attention_bf16": True}),  # bf16 CPU: SDPA in bf16, not fp32
     "ours, threads fixed": ("ours", {"cpu_threads": os.cpu_count()}),  # --busy: against the adaptive count
     "ours, batch counts sequences": ("ours", {"batch_unit": "sequences"}),  # the peers' bigger packed steps
