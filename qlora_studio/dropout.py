@@ -10,12 +10,12 @@ kept elements are scaled by 1 / (1 - that probability), so the expected output i
 each element is dropped independently, as with ``nn.Dropout``.
 
 The 64-bit numbers are SplitMix64's (`random_bits`): its mixing function applied to the counters
-``seed + i * gamma``, the way Java's SplittableRandom draws, computed with torch's elementwise kernels, which run on every
-core where the Mersenne Twister runs on one. The seed is one draw from torch's default generator per mask, so
-a run's seed and a resumed checkpoint's saved RNG state decide the masks, as they do torch's. For a 16-bit
-input the mask is made in its dtype (0 and 1, exact), so that neither pass casts it; wider inputs keep it as
-one byte an element (bytes, not bools: torch's CPU kernels for bools are not vectorized; for 700 x 576
-elements the comparison took 31-33 us into bytes, 106-113 us into bools). The fused LoRA update
+``seed + i * gamma``, the way Java's SplittableRandom draws, computed with torch's elementwise kernels, which
+run on every core where the Mersenne Twister runs on one. The seed is one draw from torch's default generator
+per mask, so a run's seed and a resumed checkpoint's saved RNG state decide the masks, as they do torch's. For
+a 16-bit input the mask is made in its dtype (0 and 1, exact), so that neither pass casts it; wider inputs
+keep it as one byte an element (bytes, not bools: torch's CPU kernels for bools are not vectorized; for 700 x
+576 elements the comparison took 31-33 us into bytes, 106-113 us into bools). The fused LoRA update
 (`lora_update`) applies the 1 / (1 - p) to the adapter's small products (`Dropout16.unscaled`) instead of a
 pass over the input each way.
 
