@@ -166,8 +166,8 @@ class TrainConfig:
         "choice", choices=("fused", "peft"), auto=True, auto_help="fused on the CPU, peft on a GPU", group="speed")
     dropout_masks: str | None = setting(
         None, "how LoRA dropout draws its masks: 16bit (16-bit random numbers, four from each SplitMix64 number, "
-        "computed on every core; the probability rounded to 1/65536) or torch (torch's own dropout)", "choice", choices=("16bit", "torch"), auto=True,
-        auto_help="16bit on the CPU, torch on a GPU", group="speed")
+        "computed on every core; the probability rounded to 1/65536) or torch (torch's own dropout)", "choice",
+        choices=("16bit", "torch"), auto=True, auto_help="16bit on the CPU, torch on a GPU", group="speed")
     cpu_threads: int | None = setting(
         None, "torch threads when training on the CPU", "int", auto=True, minimum=1, maximum=1024,
         auto_help="one per core that other processes leave free, checked between steps", group="speed")

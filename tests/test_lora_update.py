@@ -5,11 +5,8 @@ import contextlib
 
 import pytest
 
-from qlora_studio.catalog import load_architecture
 from qlora_studio.compat import keep_4bit_weights_trainable
-from qlora_studio.config import TrainConfig
 from qlora_studio.loading import load_base_model
-from qlora_studio.plan import Machine, plan_run
 from conftest import train_tiny
 
 
@@ -143,18 +140,6 @@ def test_the_fused_update_takes_pefts_forward_where_it_does_not_apply(tiny_llama
     merged = model.merge_and_unload()  # the merge replaces the layers and the fused forward with them
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-4)  # fp32: the merged sum
-
-
-def test_the_plan_fuses_the_update_on_the_cpu(tiny_llama):
-    arch = load_architecture(tiny_llama)
-    cfg = dict(model=str(tiny_llama), data="x.jsonl")
-    cpu = plan_run(TrainConfig(**cfg), Machine("cpu", ram_available_bytes=8 * 2**30), arch)
-    assert cpu.lora_update == "fused" and "rounded once" in cpu.reasons["lora_update"]
-    assert any(line.startswith("LoRA update: fused -- ") for line in cpu.lines())
-    gpu = plan_run(TrainConfig(**cfg), Machine("cuda", "RTX 3060", (8, 6), 12 * 2**30, 12 * 2**30), arch)
-    assert gpu.lora_update == "peft" and "CPU only" in gpu.reasons["lora_update"]
-    asked = plan_run(TrainConfig(**cfg, lora_update="peft"), Machine("cpu", ram_available_bytes=8 * 2**30), arch)
-    assert asked.lora_update == "peft" and "lora_update" not in asked.reasons
 
 
 def test_a_cpu_run_with_the_fused_update_learns_as_with_pefts(studio_home, tiny_llama, toy_data):

@@ -118,6 +118,24 @@ def test_attention_on_the_cpu_is_sdpa_per_packed_example_where_it_applies():
     assert gpu.attention == "sdpa"
 
 
+@pytest.mark.parametrize("key,cpu_value,gpu_value,cpu_why,line", [
+    ("cross_entropy", "chunked", "torch", "fp32 copy", "cross-entropy"),
+    ("lora_update", "fused", "peft", "rounded once", "LoRA update"),
+    ("dropout_masks", "16bit", "torch", "one element at a time", "dropout masks"),
+])
+def test_cpu_speed_settings_are_automatic_by_device_say_why_and_give_way_to_the_config(key, cpu_value, gpu_value,
+                                                                                       cpu_why, line):
+    smol = load_architecture("SmolLM2-135M")
+    cpu, gpu = Machine("cpu", ram_available_bytes=8 * GiB), Machine("cuda", "RTX 3060", (8, 6), 12 * GiB, 12 * GiB)
+    on_cpu = plan_run(TrainConfig(data="x"), cpu, smol)
+    assert getattr(on_cpu, key) == cpu_value and cpu_why in on_cpu.reasons[key]
+    assert any(text.startswith(f"{line}: {cpu_value} -- ") for text in on_cpu.lines())
+    on_gpu = plan_run(TrainConfig(data="x"), gpu, smol)
+    assert getattr(on_gpu, key) == gpu_value and on_gpu.reasons[key]
+    asked = plan_run(TrainConfig(data="x", **{key: gpu_value}), cpu, smol)
+    assert getattr(asked, key) == gpu_value and key not in asked.reasons
+
+
 def test_a_cpu_plan():
     plan = plan_run(TrainConfig(data="x"), Machine("cpu", ram_available_bytes=16 * GiB, cpu_bf16=True),
                     load_architecture("SmolLM2-135M"))

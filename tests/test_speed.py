@@ -13,6 +13,7 @@ from qlora_studio.errors import ConfigError
 from qlora_studio.loading import load_base_model
 from qlora_studio.plan import Machine, plan_run
 from qlora_studio.training import prepare_run, run_training
+from conftest import train_tiny
 
 
 def _varied_data(path, n=24):
@@ -388,28 +389,17 @@ def test_16bit_dropout_numbers_are_splitmix64_and_a_16bit_input_keeps_its_mask_i
 def test_a_cpu_run_uses_16bit_dropout_masks_learns_as_with_torchs_and_repeats_itself(studio_home, tiny_llama, tmp_path):
     from qlora_studio.catalog import load_architecture
 
-    arch = load_architecture(tiny_llama)
     cpu = Machine("cpu", ram_available_bytes=8 * 2**30)
-    plan = plan_run(TrainConfig(model=str(tiny_llama), data="x.jsonl"), cpu, arch)
-    assert plan.dropout_masks == "16bit" and "one element at a time" in plan.reasons["dropout_masks"]
-    assert any(line.startswith("dropout masks: 16bit -- ") for line in plan.lines())
-    gpu = Machine("cuda", "RTX 3060", (8, 6), 12 * 2**30, 12 * 2**30)
-    assert plan_run(TrainConfig(model=str(tiny_llama), data="x.jsonl"), gpu, arch).dropout_masks == "torch"
-    no_dropout = plan_run(TrainConfig(model=str(tiny_llama), data="x.jsonl", lora_dropout=0.0), cpu, arch)
+    no_dropout = plan_run(TrainConfig(model=str(tiny_llama), data="x.jsonl", lora_dropout=0.0), cpu,
+                          load_architecture(tiny_llama))
     assert not any(line.startswith("dropout masks") for line in no_dropout.lines())
 
     data = _varied_data(tmp_path / "varied.jsonl", n=16)
     losses = {}
     for name, masks in (("a", None), ("b", None), ("torch", "torch")):
-        cfg = TrainConfig(model=str(tiny_llama), data=str(data), epochs=1, batch_size=4, learning_rate=3e-3,
-                          max_seq_len=256, eval_fraction=0.0, quant="nf4", lora_dropout=0.3, dropout_masks=masks,
-                          name=f"drop-{name}", save_steps=10**6)
-        run = prepare_run(cfg)
-        assert run_training(run)["state"] == "completed"
-        log = (run.path / "train.log").read_text()
+        run, log, losses[name] = train_tiny(tiny_llama, data, f"drop-{name}", lora_dropout=0.3, dropout_masks=masks)
         assert ("LoRA dropout: 16-bit masks in 14 layers" in log) == (masks is None)  # 2 layers x 7 linear
         assert run.plan()["plan"]["dropout_masks"] == (masks or "16bit")
-        losses[name] = [r["loss"] for r in run.metrics() if r["type"] == "train"]
     assert losses["a"] == losses["b"]  # the seed decides the masks
     assert losses["a"] != losses["torch"]  # other masks ...
     for a, b in zip(losses["a"], losses["torch"]):  # ... the same learning
